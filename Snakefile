@@ -1,0 +1,16 @@
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+
+
+rule all:
+    input:
+        "results/model/organ_curves.tsv",
+        "results/figures/sampling_modes.png",

@@ -1,0 +1,7 @@
+"""kinpet: voxel-wise kinetic modelling of dynamic FDG PET.
+
+Modules: ``frames`` (frame schedules), ``inputfunction`` (arterial input functions),
+``kinetics`` (the exact irreversible two-tissue model).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,337 @@
+"""The irreversible two-tissue compartment model (k4 = 0) with blood volume.
+
+    C(t) = (1 - Vb) C_T(t) + Vb A(t),   C_T(t) = K1/beta [k3 I(t) + k2 E(t)],   beta = k2 + k3
+
+with A the input function, I(t) = int_0^t A and E(t) = int_0^t A(s) exp(-beta (t - s)) ds
+(Eq. 2 of De Benetti et al. 2023; DESIGN.md section 3). Time is in minutes inside the
+model, K1 in ml/cm^3/min, k2 and k3 in 1/min; frame schedules and input functions keep
+seconds and are converted here.
+
+Because A is piecewise linear, every quantity is exact in closed form on the knots (the
+input samples plus every frame start, end and, for ``mid``, mid-time). E follows a
+recursion that only ever multiplies by exp(-beta h) <= 1, so it stays finite in float32.
+
+Sampling modes:
+
+``average`` (default)
+    The exact average of the model over each frame, as a scanner reports it.
+``mid``
+    The exact model at each frame's mid-time.
+``paper``
+    The published code's discrete model: a 0.1-min grid from the first to the last
+    frame start, the input linearly interpolated (and linearly extrapolated) onto it, a
+    discrete convolution with a one-step delay, and linear interpolation at the frame
+    starts (rounded to 0.01 min).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kinpet.frames import FrameSchedule
+from kinpet.inputfunction import InputFunction
+
+PARAMETER_NAMES = ("K1", "k2", "k3", "Vb")
+PARAMETER_UNITS = ("ml/cm3/min", "1/min", "1/min", "1")
+# Bounds of the paper (Sec. 2.2): the network's multi-clamp and curve_fit use the same.
+PAPER_LOWER = (0.01, 0.01, 0.01, 0.0)
+PAPER_UPPER = (2.0, 3.0, 1.0, 1.0)
+SAMPLING_MODES = ("average", "mid", "paper")
+
+# Below this value of x = beta*h the phi functions use their Taylor series (8 terms,
+# remainder < 1e-10); above it the closed forms lose < 2e-6 to cancellation in float32.
+_SERIES_BELOW = 0.5
+_SERIES_TERMS = 8
+PAPER_STEP_MIN = 0.1
+_CHUNK_VOXELS = 16384
+
+
+def ki(params):
+    """Net influx rate Ki = K1 k3 / (k2 + k3) in ml/cm^3/min; ``params`` has shape [..., 4]."""
+    k1, k2, k3 = params[..., 0], params[..., 1], params[..., 2]
+    return k1 * k3 / (k2 + k3)
+
+
+def irreversible_2tc(
+    params, input_function: InputFunction, frames: FrameSchedule, sampling="average"
+):
+    """Model time-activity curves for many voxels at once.
+
+    Parameters
+    ----------
+    params : numpy.ndarray or torch.Tensor, shape [..., 4]
+        K1 (ml/cm^3/min), k2 (1/min), k3 (1/min), Vb (unitless) per voxel.
+        ``k2 + k3`` must be > 0.
+    input_function : InputFunction
+        Arterial input, same concentration unit as the returned curves.
+    frames : FrameSchedule
+        The scan's frames (s).
+    sampling : {"average", "mid", "paper"}
+        How the continuous model is turned into one value per frame (module docstring).
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor, shape [..., n_frames]
+        Same kind as ``params``: numpy in, float64 numpy out; torch in, torch out on the
+        same device and dtype (differentiable).
+    """
+    return KineticModel(input_function, frames, sampling)(params)
+
+
+class KineticModel:
+    """The model for one input function and frame schedule, precomputed once.
+
+    Calling it is what :func:`irreversible_2tc` does; keep an instance when the same
+    input and frames are evaluated many times (training, fitting).
+    """
+
+    def __init__(self, input_function: InputFunction, frames: FrameSchedule, sampling="average"):
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, not {sampling!r}")
+        if not isinstance(frames, FrameSchedule):
+            raise TypeError("frames must be a kinpet.frames.FrameSchedule")
+        if not isinstance(input_function, InputFunction):
+            raise TypeError("input_function must be a kinpet.inputfunction.InputFunction")
+        self.input_function = input_function
+        self.frames = frames
+        self.sampling = sampling
+        if sampling == "paper":
+            self._plan = _paper_plan(input_function, frames)
+        else:
+            input_function.check_covers(frames)
+            self._plan = _knot_plan(input_function, frames, with_mids=sampling == "mid")
+        self._tensors = {}
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.frames)
+
+    def __call__(self, params):
+        if torch.is_tensor(params):
+            return self._evaluate(params)
+        p = np.asarray(params, dtype=np.float64)
+        with torch.no_grad():
+            return self._evaluate(torch.from_numpy(np.ascontiguousarray(p))).numpy()
+
+    def _constants(self, device, dtype):
+        key = (device, dtype)
+        if key not in self._tensors:
+            self._tensors[key] = {k: _as_tensor(v, device, dtype) for k, v in self._plan.items()}
+        return self._tensors[key]
+
+    def _evaluate(self, params: torch.Tensor) -> torch.Tensor:
+        if params.shape[-1:] != (4,):
+            raise ValueError(
+                f"params must have shape [..., 4] (K1, k2, k3, Vb), got {tuple(params.shape)}"
+            )
+        if not params.is_floating_point():
+            params = params.double()
+        batch_shape = params.shape[:-1]
+        flat = params.reshape(-1, 4)
+        c = self._constants(flat.device, flat.dtype)
+        # Chunks keep the per-step work in cache; results are the same for any chunking.
+        parts = [self._frames_by_voxel(chunk, c) for chunk in flat.split(_CHUNK_VOXELS)]
+        tac = torch.cat(parts, dim=1) if len(parts) != 1 else parts[0]
+        return tac.transpose(0, 1).reshape(*batch_shape, self.n_frames)
+
+    def _frames_by_voxel(self, flat: torch.Tensor, c: dict) -> torch.Tensor:
+        k1, k2, k3, vb = flat.unbind(-1)
+        beta = k2 + k3
+        tissue_scale = (1 - vb) * k1 / beta
+        if self.sampling == "paper":
+            rate, conv = _paper_convolutions(beta, c)
+            blood = c["a_at_starts"]
+        else:
+            rate, conv = c["i_values"], _exponential_convolution(beta, c, self.sampling)
+            blood = c["a_values"]
+        # C = (1-Vb) K1/beta (k3 I + k2 E) + Vb A, with the voxel-independent I and A terms
+        # as one outer product.
+        shared = torch.stack([rate, blood], dim=1) @ torch.stack([tissue_scale * k3, vb])
+        return torch.addcmul(shared, conv, tissue_scale * k2)
+
+
+def _as_tensor(value, device, dtype):
+    """Float arrays of the plan become tensors; index arrays and lists stay as they are."""
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return torch.as_tensor(value, device=device, dtype=dtype)
+    return value
+
+
+# -- exact model on knots --------------------------------------------------------------------
+
+
+def _knot_plan(input_function: InputFunction, frames: FrameSchedule, with_mids: bool) -> dict:
+    """Voxel-independent quantities of the exact model, in float64 (minutes)."""
+    points = [input_function.knots_s, frames.starts_s, frames.ends_s]
+    if with_mids:
+        points.append(frames.mids_s)
+    knots_s = np.unique(np.concatenate(points))
+    knots_s = knots_s[knots_s <= frames.end_s]
+    if knots_s[0] > 0:
+        knots_s = np.concatenate([[0.0], knots_s])
+    a = input_function(knots_s)
+    t = knots_s / 60.0
+    h = np.diff(t)
+    # Steps of equal length share their phi functions: a schedule has few distinct lengths.
+    h_unique, step_kind = np.unique(np.round(h, 12), return_inverse=True)
+    da = np.diff(a)
+    cum_i = np.concatenate([[0.0], np.cumsum(h * (a[:-1] + a[1:]) / 2)])  # I at knots
+    # Exact integral of I over each step: I is piecewise quadratic.
+    step_ii = h * cum_i[:-1] + h**2 * (2 * a[:-1] + a[1:]) / 6
+    cum_ii = np.concatenate([[0.0], np.cumsum(step_ii)])
+    start_k = np.searchsorted(knots_s, frames.starts_s)
+    end_k = np.searchsorted(knots_s, frames.ends_s)
+    # Which frame each step belongs to (-1: in no frame, e.g. a gap between frames).
+    step_frame = np.full(h.size, -1)
+    for f, (k0, k1) in enumerate(zip(start_k, end_k, strict=True)):
+        step_frame[k0:k1] = f
+    # Input terms of each step (and of each frame's integral) as weights on the distinct
+    # step lengths: columns [0, U) multiply a_j, columns [U, 2U) multiply da_j.
+    n_kinds = h_unique.size
+    steps = np.arange(h.size)
+    step_source = np.zeros((h.size, 2 * n_kinds))
+    step_source[steps, step_kind] = a[:-1]
+    step_source[steps, n_kinds + step_kind] = da
+    frame_source = np.zeros((len(frames), 2 * n_kinds))
+    inside = step_frame >= 0
+    np.add.at(frame_source, (step_frame[inside], step_kind[inside]), a[:-1][inside])
+    np.add.at(frame_source, (step_frame[inside], n_kinds + step_kind[inside]), da[inside])
+    dur_min = frames.durations_min
+    plan = {
+        "h_unique": h_unique,
+        "step_kind": step_kind.tolist(),
+        "step_frame": step_frame.tolist(),
+        "step_source": step_source,
+        "frame_source": frame_source,
+        "durations": dur_min,
+        "mid_knots": np.searchsorted(knots_s, frames.mids_s) if with_mids else None,
+    }
+    if with_mids:
+        plan["i_values"] = cum_i[plan["mid_knots"]]
+        plan["a_values"] = a[plan["mid_knots"]]
+    else:
+        plan["i_values"] = (cum_ii[end_k] - cum_ii[start_k]) / dur_min
+        plan["a_values"] = (cum_i[end_k] - cum_i[start_k]) / dur_min
+    return plan
+
+
+def _phi(x: torch.Tensor):
+    """phi1 = (1-e^-x)/x, phi2 = (x-1+e^-x)/x^2, phi3 = (x^2/2-x+1-e^-x)/x^3, for x >= 0.
+
+    phi_k(x) = sum_n (-x)^n / (n+k)!; the series is used for small x, where the closed
+    forms cancel.
+    """
+    small = x < _SERIES_BELOW
+    # phi3 by Horner on its series, then phi2 = 1/2 - x phi3 and phi1 = 1 - x phi2 (stable
+    # for small x).
+    s3 = torch.full_like(x, 1.0 / _factorial(_SERIES_TERMS + 2))
+    for n in reversed(range(_SERIES_TERMS - 1)):
+        s3 = 1.0 / _factorial(n + 3) - x * s3
+    s2 = 0.5 - x * s3
+    s1 = 1.0 - x * s2
+    xs = torch.where(small, torch.ones_like(x), x)  # keeps the unused branch finite
+    em = torch.expm1(-xs)
+    d1 = -em / xs
+    d2 = (xs + em) / xs**2
+    d3 = (0.5 * xs**2 - xs - em) / xs**3
+    return torch.where(small, s1, d1), torch.where(small, s2, d2), torch.where(small, s3, d3)
+
+
+def _factorial(n: int) -> float:
+    out = 1.0
+    for k in range(2, n + 1):
+        out *= k
+    return float(out)
+
+
+def _exponential_convolution(beta: torch.Tensor, c: dict, sampling: str) -> torch.Tensor:
+    """E_beta per frame, shape [n_frames, n_voxels]: frame averages or mid-time values.
+
+    Over a step of length h from knot j, with x = beta h and the input rising by da:
+        E_{j+1} = e^-x E_j + a_j h phi1(x) + da h phi2(x)
+        int E   = E_j h phi1(x) + a_j h^2 phi2(x) + da h^2 phi3(x).
+    The input terms are linear in (a_j, da), so they are summed per step (and per frame)
+    with one matrix product over the few distinct step lengths; only the E_j terms need
+    the sequential recursion.
+    """
+    h = c["h_unique"][:, None]
+    x = h * beta[None, :]
+    phi1, phi2, phi3 = _phi(x)
+    decay = torch.exp(-x)
+    gain = h * phi1  # (1 - e^-x) / beta
+    source = c["step_source"] @ torch.cat([gain, h * phi2])  # [n_steps, n_voxels]
+    e = torch.zeros_like(beta)
+    if sampling == "mid":
+        wanted = set(c["mid_knots"].tolist())
+        at_mids = []
+        for j, kind in enumerate(c["step_kind"]):
+            e = torch.addcmul(source[j], decay[kind], e)
+            if j + 1 in wanted:
+                at_mids.append(e)
+        return torch.stack(at_mids)
+    integrals = c["frame_source"] @ torch.cat([h * h * phi2, h * h * phi3])  # [n_frames, n]
+    sums = []
+    acc, current = None, -1
+    for j, (kind, frame) in enumerate(zip(c["step_kind"], c["step_frame"], strict=True)):
+        if frame != current:
+            if acc is not None:
+                sums.append(acc)
+            acc, current = (integrals[frame] if frame >= 0 else None), frame
+        if frame >= 0:
+            acc = torch.addcmul(acc, gain[kind], e)
+        e = torch.addcmul(source[j], decay[kind], e)
+    if acc is not None:
+        sums.append(acc)
+    return torch.stack(sums) / c["durations"][:, None]
+
+
+# -- the paper's discrete model ----------------------------------------------------------------
+
+
+def _interp_linear_extrapolate(x, xp, fp):
+    """Linear interpolation that extends the first and last segments (as the paper's code)."""
+    idx = np.clip(np.searchsorted(xp, x, side="right") - 1, 0, xp.size - 2)
+    slope = (fp[idx + 1] - fp[idx]) / (xp[idx + 1] - xp[idx])
+    return fp[idx] + slope * (x - xp[idx])
+
+
+def _paper_plan(input_function: InputFunction, frames: FrameSchedule) -> dict:
+    starts = np.round(frames.starts_min, 2)
+    grid = np.arange(starts[0], starts[-1], PAPER_STEP_MIN)
+    if grid.size < 2:
+        raise ValueError("sampling='paper' needs frames spanning at least 0.2 min")
+    a = _interp_linear_extrapolate(grid, input_function.times_s / 60.0, input_function.values)
+    # Frame starts on the grid: the segment each falls in, extended at the ends.
+    seg = np.clip(np.searchsorted(grid, starts, side="right") - 1, 0, grid.size - 2)
+    weight = (starts - grid[seg]) / (grid[seg + 1] - grid[seg])
+    # conv[i] = step * sum_{m<i} a[i-1-m] h[m]; its k3 part needs only the running sum of a.
+    running = PAPER_STEP_MIN * np.concatenate([[0.0], np.cumsum(a)[:-1]])
+    return {
+        "grid_a": a,
+        "t0": float(grid[0]),
+        "seg": seg,
+        "weight": weight,
+        "rate_at_starts": running[seg] + weight * (running[seg + 1] - running[seg]),
+        "a_at_starts": a[seg] + weight * (a[seg + 1] - a[seg]),
+    }
+
+
+def _paper_convolutions(beta: torch.Tensor, c: dict):
+    """The k3 and k2 convolution terms of the paper's model at the frame starts."""
+    seg = c["seg"].tolist()
+    need = sorted(set(seg) | {s + 1 for s in seg})
+    ratio = torch.exp(-PAPER_STEP_MIN * beta)
+    # d[i] = sum_{m<i} a[i-1-m] ratio^m, by the recursion d[i] = a[i-1] + ratio d[i-1].
+    a = c["grid_a"].tolist()
+    d = torch.zeros_like(beta)
+    at = {0: d}
+    for i in range(1, need[-1] + 1):
+        d = a[i - 1] + ratio * d
+        if i in at or i in need:
+            at[i] = d
+    lo = torch.stack([at[s] for s in seg])
+    hi = torch.stack([at[s + 1] for s in seg])
+    w = c["weight"][:, None]
+    tissue = PAPER_STEP_MIN * torch.exp(-beta * c["t0"]) * (lo + w * (hi - lo))
+    return c["rate_at_starts"], tissue

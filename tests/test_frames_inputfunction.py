@@ -1,0 +1,146 @@
+import json
+
+import numpy as np
+import pytest
+
+from kinpet.frames import FrameSchedule, FrameScheduleError
+from kinpet.inputfunction import (
+    InputFunction,
+    InputFunctionError,
+    feng_model,
+    feng_peak,
+)
+
+
+def test_paper_schedule():
+    f = FrameSchedule.paper()
+    assert len(f) == 62
+    assert f.end_s == 3900.0
+    # 2x10 s, 30x2 s, 4x10 s, 8x30 s, 4x60 s, 5x120 s, 9x300 s, contiguous from 0.
+    counts = [(10.0, 2), (2.0, 30), (10.0, 4), (30.0, 8), (60.0, 4), (120.0, 5), (300.0, 9)]
+    expected = np.concatenate([[d] * n for d, n in counts])
+    np.testing.assert_array_equal(f.durations_s, expected)
+    np.testing.assert_array_equal(f.starts_s[1:], f.ends_s[:-1])
+    assert f.starts_s[2] == 20.0 and f.durations_min[-1] == 5.0
+
+
+def test_bids_json_round_trip(tmp_path):
+    path = tmp_path / "sub-01_pet.json"
+    path.write_text(json.dumps({**FrameSchedule.paper().to_bids(), "Units": "kBq/mL"}))
+    assert FrameSchedule.from_bids_json(path) == FrameSchedule.paper()
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ({"FrameTimesStart": [0, 10]}, "missing PET-BIDS field"),
+        ({"FrameTimesStart": [0, 10], "FrameDuration": [10]}, "2 frame start times but 1"),
+        ({"FrameTimesStart": [0, 10], "FrameDuration": [10, 0]}, "durations must be > 0"),
+        ({"FrameTimesStart": [0, 5], "FrameDuration": [10, 10]}, "must not overlap"),
+        ({"FrameTimesStart": [10, 0], "FrameDuration": [5, 5]}, "ordered"),
+        ({"FrameTimesStart": [0, "x"], "FrameDuration": [5, 5]}, "not numbers"),
+        ({"FrameTimesStart": [-5, 0], "FrameDuration": [5, 5]}, "before injection"),
+    ],
+)
+def test_bad_sidecars_name_the_file(tmp_path, meta, message):
+    path = tmp_path / "sub-07_pet.json"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(FrameScheduleError, match=message) as err:
+        FrameSchedule.from_bids_json(path)
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_sidecar(tmp_path):
+    path = tmp_path / "bad_pet.json"
+    path.write_text("{not json")
+    with pytest.raises(FrameScheduleError, match="not valid JSON"):
+        FrameSchedule.from_bids_json(path)
+    with pytest.raises(FrameScheduleError, match="not found"):
+        FrameSchedule.from_bids_json(tmp_path / "missing.json")
+
+
+def test_gaps_between_frames_are_allowed():
+    f = FrameSchedule([0, 60, 600], [60, 60, 300])
+    assert f.end_s == 900
+
+
+def test_input_is_piecewise_linear_zero_at_start_and_held():
+    inp = InputFunction([10.0, 20.0, 40.0], [100.0, 50.0, 10.0])
+    np.testing.assert_allclose(
+        inp([0.0, 5.0, 10.0, 15.0, 30.0, 40.0, 1000.0]), [0.0, 50.0, 100.0, 75.0, 30.0, 10.0, 10.0]
+    )
+    assert inp.knots_s[0] == 0.0 and inp.times_s[0] == 10.0
+
+
+@pytest.mark.parametrize(
+    "times, values, message",
+    [
+        ([0, 10, 10], [0, 1, 2], "strictly increasing"),
+        ([0, 20, 10], [0, 1, 2], "strictly increasing"),
+        ([0, 10, 20], [0, np.nan, 2], "NaN"),
+        ([0, 10, 20], [0, -1, 2], "negative"),
+        ([0, 10], [0, 1, 2], "2 sample times but 3"),
+        ([-1, 10], [0, 1], ">= 0"),
+        ([0], [0], "at least 2"),
+    ],
+)
+def test_input_validation(times, values, message):
+    with pytest.raises(InputFunctionError, match=message):
+        InputFunction(times, values, source="idif.tsv")
+
+
+def test_coverage_rule():
+    frames = FrameSchedule.paper()
+    # Mid-time samples end half a frame early: normal, silent.
+    InputFunction(frames.mids_s, np.ones(62)).check_covers(frames)
+    short = InputFunction([0, 60, 1200], [0, 10, 5], source="short.tsv")
+    with pytest.warns(UserWarning, match="short.tsv.*held"):
+        short.check_covers(frames)
+    with pytest.raises(InputFunctionError, match="short.tsv.*missing"):
+        short.check_covers(frames, strict=True)
+
+
+def test_blood_tsv_with_units(tmp_path):
+    tsv = tmp_path / "sub-01_recording-manual_blood.tsv"
+    tsv.write_text(
+        "time\tplasma_radioactivity\twhole_blood_radioactivity\n"
+        "0\t0\t0\n30\t12000\t10000\n60\t6000\t5000\n"
+    )
+    tsv.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "time": {"Units": "s"},
+                "plasma_radioactivity": {"Units": "Bq/mL"},
+                "whole_blood_radioactivity": {"Units": "kBq/mL"},
+            }
+        )
+    )
+    plasma = InputFunction.from_blood_tsv(tsv, column="plasma")
+    np.testing.assert_allclose(plasma.values, [0, 12.0, 6.0])
+    blood = InputFunction.from_blood_tsv(tsv)
+    np.testing.assert_allclose(blood.values, [0, 10000.0, 5000.0])
+
+
+def test_blood_tsv_errors(tmp_path):
+    tsv = tmp_path / "sub-02_blood.tsv"
+    tsv.write_text("time\twhole_blood_radioactivity\n0\t0\n30\t10\n")
+    with pytest.raises(InputFunctionError, match="units of 'whole_blood_radioactivity' unknown"):
+        InputFunction.from_blood_tsv(tsv)
+    with pytest.raises(InputFunctionError, match="unknown units 'furlongs'"):
+        InputFunction.from_blood_tsv(tsv, units="furlongs")
+    with pytest.raises(InputFunctionError, match="no column 'plasma_radioactivity'"):
+        InputFunction.from_blood_tsv(tsv, column="plasma", units="kBq/ml")
+    np.testing.assert_allclose(InputFunction.from_blood_tsv(tsv, units="MBq/ml").values, [0, 1e4])
+
+
+def test_feng_model_facts():
+    # reference/fdg_values.md: Cp(tau) = 0, peak ~103 at 0.29 min, 11.2 at 60 min.
+    assert feng_model(0.735, delay_min=0.735) == 0.0
+    assert feng_peak() == pytest.approx(103, abs=1.0)
+    t = np.linspace(0.01, 2, 20000)
+    assert t[np.argmax(feng_model(t))] == pytest.approx(0.29, abs=0.01)
+    assert feng_model(60.0) == pytest.approx(11.2, abs=0.1)
+    inp = InputFunction.feng(peak_kbq_per_ml=200.0, delay_s=15.0)
+    assert inp.values.max() == pytest.approx(200.0, rel=1e-3)
+    assert inp(15.0) == 0.0 and inp(14.0) == 0.0
+    assert inp.times_s[-1] == 3900.0
