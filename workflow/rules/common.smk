@@ -8,6 +8,6 @@ validate(config, schema="../schemas/config.schema.yaml")
 # Scripts import the kinpet package from src/, installed or not (e.g. in --use-conda
 # environments or on cluster nodes sharing the checkout).
 _SRC = str(Path(workflow.basedir) / "src")
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 )
