@@ -1,0 +1,237 @@
+"""The spatio-temporal UNet of De Benetti et al. (2023, Sec. 2.2) with its ablation switches.
+
+Input: a batch of slices with their frames as depth, shape [B, 1, T, H, W] (T = 64: the
+62 frames padded by one frame on each side). Output: four parameter maps [B, 4, H, W]
+(K1, k2, k3, Vb) after the final activation.
+
+Architecture (DESIGN.md section 5): depth 4, 8 root feature maps doubling per level, ELU,
+no batch normalisation. Each block applies two convolution units; a unit is either one
+3-D convolution [3, 3, 3] or, for ``space_time``, a spatial [1, 3, 3] convolution followed
+by a temporal [3, 1, 1] one (the (2+1)-D factorisation of Kuestner et al.). Short skips
+concatenate a block's input with its output; long skips carry that concatenation to the
+decoder. Pooling is max-pooling [2, 2, 2] (``3d``) or [1, 2, 2] (``space``); the decoder's
+transposed convolutions undo exactly what the pooling did. The head is a [3, 3, 3]
+convolution to 4 channels and a [T, 1, 1] convolution that collapses time.
+
+Differences from the published code, on purpose: its (2+1)-D blocks apply the *same*
+temporal convolution twice (shared weights); here each unit has its own. Its ``space``
+pooling uses kernel [1, 2, 2] with stride 2 in every axis, so it still halves time by
+skipping frames, and its decoder always doubles time; here ``space`` pooling keeps every
+frame and the decoder does not upsample time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER
+
+CONVOLUTIONS = ("3d", "space_time")
+POOLINGS = ("3d", "space")
+ACTIVATIONS = ("abs", "clamp", "multi_clamp")
+# The published code's single clamp (all four channels to one range).
+SINGLE_CLAMP = (0.01, 3.0)
+PADDED_FRAMES = 64
+
+
+class ConvUnit(nn.Sequential):
+    """One convolution unit: [3,3,3], or [1,3,3] then [3,1,1] for ``space_time``."""
+
+    def __init__(self, in_channels: int, out_channels: int, convolution: str):
+        if convolution == "3d":
+            super().__init__(nn.Conv3d(in_channels, out_channels, 3, padding=1))
+        else:
+            super().__init__(
+                nn.Conv3d(in_channels, out_channels, (1, 3, 3), padding=(0, 1, 1)),
+                nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0)),
+            )
+
+
+class Block(nn.Sequential):
+    """Two convolution units, each followed by ELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, convolution: str):
+        super().__init__(
+            ConvUnit(in_channels, out_channels, convolution),
+            nn.ELU(),
+            ConvUnit(out_channels, out_channels, convolution),
+            nn.ELU(),
+        )
+
+
+class Upsample(nn.Sequential):
+    """Transposed convolution that undoes one pooling step, keeping the channel count."""
+
+    def __init__(self, channels: int, convolution: str, pooling: str):
+        time_factor = 2 if pooling == "3d" else 1
+        if convolution == "3d":
+            super().__init__(
+                nn.ConvTranspose3d(
+                    channels,
+                    channels,
+                    3,
+                    stride=(time_factor, 2, 2),
+                    padding=1,
+                    output_padding=(time_factor - 1, 1, 1),
+                )
+            )
+            return
+        layers = [
+            nn.ConvTranspose3d(
+                channels,
+                channels,
+                (1, 3, 3),
+                stride=(1, 2, 2),
+                padding=(0, 1, 1),
+                output_padding=(0, 1, 1),
+            )
+        ]
+        if time_factor == 2:
+            layers.append(
+                nn.ConvTranspose3d(
+                    channels,
+                    channels,
+                    (3, 1, 1),
+                    stride=(2, 1, 1),
+                    padding=(1, 0, 0),
+                    output_padding=(1, 0, 0),
+                )
+            )
+        super().__init__(*layers)
+
+
+class KineticUNet(nn.Module):
+    """The paper's UNet mapping dynamic slices to kinetic parameter maps.
+
+    Parameters
+    ----------
+    convolution : {"3d", "space_time"}
+        Plain 3-D convolutions or the (2+1)-D spatial-then-temporal factorisation.
+    pooling : {"3d", "space"}
+        Max-pooling over space and time [2, 2, 2] or over space only [1, 2, 2].
+    activation : {"abs", "clamp", "multi_clamp"}
+        Final activation: absolute value, one clamp of all channels to [0.01, 3], or a
+        clamp of each channel to its parameter bounds.
+    depth : int
+        Number of pooling levels (4 in the paper).
+    root_features : int
+        Feature maps of the first level (8 in the paper), doubling per level.
+    n_frames : int
+        Frames of the (padded) input, collapsed by the head (64 in the paper).
+    lower, upper : sequence of 4 floats
+        Bounds of K1, k2, k3, Vb for ``multi_clamp`` (the paper's by default).
+    channels_last : bool
+        Keep activations in the channels-last (NDHWC) layout: same arithmetic, several
+        times faster on CPU for slices of 64 pixels and more (benchmarks/network.py).
+    """
+
+    def __init__(
+        self,
+        convolution: str = "space_time",
+        pooling: str = "3d",
+        activation: str = "multi_clamp",
+        depth: int = 4,
+        root_features: int = 8,
+        n_frames: int = PADDED_FRAMES,
+        lower=PAPER_LOWER,
+        upper=PAPER_UPPER,
+        channels_last: bool = True,
+    ):
+        super().__init__()
+        for name, value, allowed in (
+            ("convolution", convolution, CONVOLUTIONS),
+            ("pooling", pooling, POOLINGS),
+            ("activation", activation, ACTIVATIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
+        if pooling == "3d" and n_frames % 2**depth:
+            raise ValueError(f"n_frames={n_frames} must be divisible by 2**depth={2**depth}")
+        self.convolution, self.pooling, self.activation = convolution, pooling, activation
+        self.depth, self.n_frames = depth, n_frames
+        self.spatial_multiple = 2**depth
+        pool = (2, 2, 2) if pooling == "3d" else (1, 2, 2)
+        self.pool = nn.MaxPool3d(pool, stride=pool)
+        self.encoders = nn.ModuleList()
+        skip_channels = []
+        channels = 1
+        for level in range(depth):
+            out = root_features * 2**level
+            self.encoders.append(Block(channels, out, convolution))
+            skip_channels.append(channels + out)  # short skip: input beside output
+            channels = out
+        self.bottleneck = Block(channels, root_features * 2**depth, convolution)
+        channels = root_features * 2**depth
+        self.upsamples = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in reversed(range(depth)):
+            out = root_features * 2**level
+            self.upsamples.append(Upsample(channels, convolution, pooling))
+            self.decoders.append(Block(channels + skip_channels[level], out, convolution))
+            channels = out
+        self.head = nn.Sequential(
+            nn.Conv3d(channels, 4, 3, padding=1),
+            nn.Conv3d(4, 4, (n_frames, 1, 1)),
+        )
+        self.register_buffer("lower", torch.tensor(lower, dtype=torch.float32).view(1, 4, 1, 1))
+        self.register_buffer("upper", torch.tensor(upper, dtype=torch.float32).view(1, 4, 1, 1))
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d | nn.ConvTranspose3d):
+                module.to(memory_format=self.memory_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map [B, 1, T, H, W] to parameters [B, 4, H, W] (K1, k2, k3, Vb)."""
+        if x.ndim != 5 or x.shape[1] != 1 or x.shape[2] != self.n_frames:
+            raise ValueError(f"expected input [B, 1, {self.n_frames}, H, W], got {tuple(x.shape)}")
+        if x.shape[-1] % self.spatial_multiple or x.shape[-2] % self.spatial_multiple:
+            raise ValueError(
+                f"slice size {tuple(x.shape[-2:])} must be divisible by {self.spatial_multiple}"
+            )
+        x = x.contiguous(memory_format=self.memory_format)
+        skips = []
+        for encoder in self.encoders:
+            out = encoder(x)
+            skips.append(torch.cat([x, out], dim=1))
+            x = self.pool(out)
+        x = self.bottleneck(x)
+        for upsample, decoder, skip in zip(
+            self.upsamples, self.decoders, reversed(skips), strict=True
+        ):
+            x = decoder(torch.cat([upsample(x), skip], dim=1))
+        logits = self.head(x)[:, :, 0]
+        return self.final_activation(logits)
+
+    def final_activation(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.activation == "abs":
+            return logits.abs()
+        if self.activation == "clamp":
+            return logits.clamp(*SINGLE_CLAMP)
+        return torch.maximum(torch.minimum(logits, self.upper), self.lower)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def pad_frames(
+    tacs: torch.Tensor, n_frames: int = PADDED_FRAMES, mode: str = "replicate"
+) -> torch.Tensor:
+    """Pad [B, T, H, W] slices symmetrically in time to [B, 1, n_frames, H, W].
+
+    The paper pads 62 frames to 64 with one frame on each side (zeros in training,
+    replicated edge frames in validation and test).
+    """
+    extra = n_frames - tacs.shape[1]
+    if extra < 0:
+        raise ValueError(f"{tacs.shape[1]} frames do not fit in {n_frames}")
+    before, after = extra // 2, extra - extra // 2
+    x = tacs.unsqueeze(1)
+    if extra == 0:
+        return x
+    if mode == "zeros":
+        return nn.functional.pad(x, (0, 0, 0, 0, before, after))
+    # replicate-pad needs a 5-D input with the padded axis among the last three.
+    return nn.functional.pad(x, (0, 0, 0, 0, before, after), mode="replicate")

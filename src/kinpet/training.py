@@ -1,0 +1,333 @@
+"""Self-supervised training of the kinetic UNet and whole-slice prediction.
+
+The loss (De Benetti et al. 2023, Sec. 2.2) is the mean squared error between each
+pixel's measured TAC and the TAC that the kinetic model produces from the parameters the
+network predicts, over pixels whose curve area exceeds a threshold (the paper's
+low-activity mask). No labels are needed: the kinetic model is the teacher.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kinpet.frames import FrameSchedule
+from kinpet.inputfunction import InputFunction
+from kinpet.kinetics import KineticModel
+from kinpet.metrics import activity_mask, tac_metrics
+from kinpet.network import PADDED_FRAMES, KineticUNet, pad_frames
+
+
+@dataclass
+class TrainSettings:
+    """Choices of one training run; the defaults are the paper's where it states them.
+
+    Attributes
+    ----------
+    convolution, pooling, activation : str
+        The ablation switches of :class:`kinpet.network.KineticUNet`.
+    epochs : int
+        Maximum number of epochs (500 in the paper).
+    batch_size : int
+        Slices per optimisation step.
+    learning_rate : float
+        Initial AdamW learning rate (1e-4), halved every ``halve_every`` epochs (25).
+    validate_every : int
+        Validation period in epochs; the last epoch is always validated.
+    sampling : str
+        Kinetic model sampling mode used in the loss ("average" exact, "paper" as published).
+    mask_threshold : float
+        Minimum TAC area (kBq/ml x min) of the pixels in the loss and the metrics.
+    seed : int
+        Seed of weights, data order and every random generator.
+    device : str
+        "auto" (CUDA when visible, else CPU), "cpu" or "cuda[:N]".
+    threads : int or None
+        CPU threads for torch (None: torch's default).
+    amp : bool
+        bfloat16 autocast of the network on CUDA (the kinetic model stays float32).
+    """
+
+    convolution: str = "space_time"
+    pooling: str = "3d"
+    activation: str = "multi_clamp"
+    epochs: int = 500
+    batch_size: int = 5
+    learning_rate: float = 1e-4
+    halve_every: int = 25
+    validate_every: int = 5
+    sampling: str = "average"
+    mask_threshold: float = 10.0
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    amp: bool = False
+
+
+@dataclass
+class SliceSet:
+    """Dynamic slices of several subjects with each subject's kinetic model.
+
+    Attributes
+    ----------
+    tacs : torch.Tensor, shape [S, T, H, W], float32
+        Frame values (kBq/ml) of each slice.
+    subject : torch.Tensor, shape [S], int64
+        Index into ``models`` of each slice's subject.
+    models : list of KineticModel
+        One per subject (its input function; the frames are shared).
+    """
+
+    tacs: torch.Tensor
+    subject: torch.Tensor
+    models: list = field(default_factory=list)
+
+    @classmethod
+    def from_subjects(cls, slices, input_functions, frames: FrameSchedule, sampling="average"):
+        """Build from per-subject arrays [S_i, T, H, W] and their input functions."""
+        if len(slices) != len(input_functions):
+            raise ValueError("one input function per subject is needed")
+        tacs, subject, models = [], [], []
+        for i, (arr, inp) in enumerate(zip(slices, input_functions, strict=True)):
+            arr = np.asarray(arr, dtype=np.float32)
+            if arr.ndim != 4 or arr.shape[1] != len(frames):
+                raise ValueError(
+                    f"subject {i}: slices must be [S, {len(frames)}, H, W], got {arr.shape}"
+                )
+            if not isinstance(inp, InputFunction):
+                raise TypeError("input_functions must be kinpet InputFunction objects")
+            tacs.append(torch.from_numpy(arr))
+            subject.append(torch.full((arr.shape[0],), i, dtype=torch.int64))
+            models.append(KineticModel(inp, frames, sampling))
+        return cls(torch.cat(tacs), torch.cat(subject), models)
+
+    def __len__(self) -> int:
+        return int(self.tacs.shape[0])
+
+    @property
+    def frames(self) -> FrameSchedule:
+        return self.models[0].frames
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA when visible (Snakemake does not set CUDA_VISIBLE_DEVICES), else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def model_tacs(params: torch.Tensor, subject: torch.Tensor, models) -> torch.Tensor:
+    """Kinetic-model TACs [B, T, H, W] of predicted parameter maps [B, 4, H, W]."""
+    per_pixel = params.permute(0, 2, 3, 1).float()  # [B, H, W, 4]
+    out = torch.empty(
+        (params.shape[0], models[0].n_frames, *params.shape[2:]),
+        dtype=per_pixel.dtype,
+        device=params.device,
+    )
+    for s in torch.unique(subject).tolist():
+        rows = (subject == s).nonzero().flatten().to(params.device)
+        out[rows] = models[s](per_pixel[rows]).permute(0, 3, 1, 2)
+    return out
+
+
+def masked_mse(predicted: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor):
+    """Mean squared error over the masked pixels' frames ([B, T, H, W], mask [B, H, W])."""
+    weight = mask[:, None].to(predicted.dtype)
+    count = weight.sum() * predicted.shape[1]
+    return ((predicted - measured) ** 2 * weight).sum() / count.clamp(min=1)
+
+
+def build_model(settings: TrainSettings) -> KineticUNet:
+    return KineticUNet(settings.convolution, settings.pooling, settings.activation)
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    # Our own code draws only from torch generators; Python's is seeded for third-party code.
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(seed)
+
+
+def _forward(model, x, device, amp: bool):
+    if amp and device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x).float()
+    return model(x)
+
+
+def evaluate(model, data: SliceSet, settings: TrainSettings, device=None, batch_size=None):
+    """Loss, per-slice cosine similarity and MAE of a model on a slice set."""
+    device = device or next(model.parameters()).device
+    batch_size = batch_size or settings.batch_size
+    model.eval()
+    losses, cs, mae, weights = [], [], [], []
+    with torch.inference_mode():
+        for rows in torch.arange(len(data)).split(batch_size):
+            meas = data.tacs[rows].to(device)
+            params = _forward(model, pad_frames(meas, PADDED_FRAMES), device, settings.amp)
+            pred = model_tacs(params, data.subject[rows], data.models)
+            mask = activity_mask(meas, data.frames, settings.mask_threshold)
+            losses.append(float(masked_mse(pred, meas, mask)))
+            weights.append(float(mask.sum()))
+            c, m = tac_metrics(meas, pred, mask)
+            cs.append(c)
+            mae.append(m)
+    total = sum(weights)
+    loss = sum(lo * w for lo, w in zip(losses, weights, strict=True)) / total if total else math.nan
+    return loss, np.concatenate(cs), np.concatenate(mae)
+
+
+class _Progress:
+    """One line per epoch in logs; a live line on a terminal."""
+
+    def __init__(self, total_epochs: int, stream=sys.stderr):
+        self.total, self.stream = total_epochs, stream
+        self.live = stream.isatty()
+
+    def step(self, epoch, batch, n_batches, loss):
+        if self.live:
+            self.stream.write(
+                f"\repoch {epoch + 1}/{self.total} [{batch + 1}/{n_batches}] loss {loss:.4g}   "
+            )
+            self.stream.flush()
+
+    def epoch(self, epoch, row):
+        text = " ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+        )
+        self.stream.write(("\r" if self.live else "") + text + "\n")
+        self.stream.flush()
+
+
+def train(
+    train_set: SliceSet,
+    val_set: SliceSet,
+    settings: TrainSettings,
+    out_dir,
+    resume: bool = False,
+    stream=sys.stderr,
+) -> dict:
+    """Train one ablation; write ``best.pt``, ``last.pt`` and ``log.csv`` into ``out_dir``.
+
+    With ``resume=True`` and an existing ``last.pt``, training continues from it with the
+    same weights, optimiser, schedule, data order and random state, so the result equals
+    an uninterrupted run.
+
+    Returns
+    -------
+    dict with the best validation loss, its epoch and the device used.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = pick_device(settings.device)
+    generator = _seed_everything(settings.seed)
+    model = build_model(settings).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, settings.halve_every, gamma=0.5)
+    start_epoch, best = 0, {"val_loss": math.inf, "epoch": -1}
+    last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
+    if resume and last_path.exists():
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        print(f"resumed from {last_path} at epoch {start_epoch}", file=stream)
+    elif log_path.exists():
+        log_path.unlink()
+    print(
+        f"device {device}; {settings.convolution}/{settings.pooling}/{settings.activation}; "
+        f"{len(train_set)} training and {len(val_set)} validation slices",
+        file=stream,
+    )
+    progress = _Progress(settings.epochs, stream)
+    n_batches = math.ceil(len(train_set) / settings.batch_size)
+    for epoch in range(start_epoch, settings.epochs):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train_set), generator=generator)
+        running, seen = 0.0, 0
+        for b, rows in enumerate(order.split(settings.batch_size)):
+            meas = train_set.tacs[rows].to(device)
+            params = _forward(model, pad_frames(meas, PADDED_FRAMES, "zeros"), device, settings.amp)
+            pred = model_tacs(params, train_set.subject[rows], train_set.models)
+            mask = activity_mask(meas, train_set.frames, settings.mask_threshold)
+            loss = masked_mse(pred, meas, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item() * len(rows)
+            seen += len(rows)
+            progress.step(epoch, b, n_batches, running / seen)
+        lr = optimizer.param_groups[0]["lr"]
+        schedule.step()
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": running / seen}
+        validate = (epoch + 1) % settings.validate_every == 0 or epoch + 1 == settings.epochs
+        if validate and len(val_set):
+            val_loss, cs, mae = evaluate(model, val_set, settings, device)
+            row.update(
+                val_loss=val_loss, val_cs=float(np.nanmean(cs)), val_mae=float(np.nanmean(mae))
+            )
+            if val_loss < best["val_loss"]:
+                best = {"val_loss": val_loss, "epoch": epoch + 1}
+                _save(best_path, model, optimizer, schedule, generator, epoch, best, settings)
+        row["seconds"] = time.perf_counter() - started
+        _append_csv(log_path, row)
+        progress.epoch(epoch, row)
+        _save(last_path, model, optimizer, schedule, generator, epoch, best, settings)
+    if not best_path.exists():  # no validation data: the last state is the best we have
+        _save(best_path, model, optimizer, schedule, generator, settings.epochs - 1, best, settings)
+    return {**best, "device": str(device)}
+
+
+def _save(path, model, optimizer, schedule, generator, epoch, best, settings):
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": epoch,
+        "best": best,
+        "settings": asdict(settings),
+    }
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _append_csv(path: Path, row: dict):
+    columns = ["epoch", "lr", "train_loss", "val_loss", "val_cs", "val_mae", "seconds"]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in columns})
+
+
+def load_model(path, device="auto") -> tuple[KineticUNet, TrainSettings]:
+    """A trained network and its settings from a checkpoint written by :func:`train`."""
+    device = pick_device(device)
+    state = torch.load(path, map_location=device, weights_only=False)
+    settings = TrainSettings(**state["settings"])
+    model = build_model(settings).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, settings
