@@ -16,7 +16,6 @@ import pandas as pd
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction, units_to_kbq_per_ml
-from kinpet.kinetics import PARAMETER_NAMES
 
 
 class KinpetInputError(ValueError):
@@ -57,6 +56,9 @@ def write_blood_tsv(path, input_function: InputFunction, description: str = "") 
 
 def read_organ_values(path) -> pd.DataFrame:
     """Read a TSV of organ parameters (columns organ, K1, k2, k3, Vb) with checks."""
+    # Imported here: kinetics needs torch, which the PET-BIDS readers do not.
+    from kinpet.kinetics import PARAMETER_NAMES
+
     path = Path(path)
     try:
         table = pd.read_csv(path, sep="\t")
