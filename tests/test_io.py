@@ -277,3 +277,22 @@ def test_slices_file_round_trip(tmp_path):
     write_slices(path, tacs=arrays["tacs"])
     with pytest.raises(KinpetInputError, match="missing array"):
         read_slices(path)
+
+
+def test_times_count_from_the_injection(dataset):
+    """Frames and blood samples 30 s after TimeZero with InjectionStart = 30 s: the study's
+    times are the same as when the injection is at TimeZero."""
+    root, paths, truth = dataset
+    edit_json(
+        paths["pet_json"],
+        FrameTimesStart=[float(s) + 30 for s in FRAMES.starts_s],
+        InjectionStart=30,
+    )
+    table = pd.read_csv(paths["blood"], sep="\t")
+    table["time"] += 30
+    table.to_csv(paths["blood"], sep="\t", index=False)
+    study = read_pet_bids(root, "sub-01")
+    assert study.frames == FRAMES
+    np.testing.assert_allclose(study.input_function.times_s, truth["input"].times_s, atol=1e-9)
+    edit_json(paths["pet_json"], InjectionStart="soon")
+    check_error(root, f"{paths['pet_json']}: InjectionStart must be a number")

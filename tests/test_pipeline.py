@@ -156,3 +156,11 @@ def test_bad_input_stops_the_pipeline_with_the_file_named(tmp_path):
     assert not (work / "results/preprocessed/sub-01").exists() or not any(
         (work / "results/preprocessed/sub-01").iterdir()
     )
+
+
+def test_a_subject_in_two_roles_is_rejected(workdir):
+    config = {"data": {"split": {"train": ["sub-01"], "validation": ["sub-01"], "test": []}}}
+    (workdir / "twice.yaml").write_text(yaml.safe_dump(config))
+    res = snakemake("-n", "--cores", "1", "--configfile", "twice.yaml", cwd=workdir)
+    assert res.returncode != 0
+    assert "a subject appears twice" in res.stderr + res.stdout

@@ -126,6 +126,7 @@ class PetStudy:
     affine : ndarray, shape (4, 4)
         Voxel-to-world (RAS+, mm) affine of the image and of the labels.
     frames : FrameSchedule
+        Times in seconds after the injection (the sidecar's times minus InjectionStart).
     units : str
         The sidecar's Units.
     unit_factor : float
@@ -324,8 +325,16 @@ def read_pet_bids(
             f"{paths['pet_json']}: ImageDecayCorrected is false; the kinetic model needs "
             "decay-corrected images"
         )
+    # PET-BIDS times count from TimeZero; the kinetic model counts from the injection.
+    injection_s = sidecar.get("InjectionStart", 0.0)
+    if not isinstance(injection_s, int | float) or not np.isfinite(injection_s):
+        raise KinpetInputError(f"{paths['pet_json']}: InjectionStart must be a number (s)")
     try:
         frames = FrameSchedule.from_bids_json(paths["pet_json"])
+        if injection_s != 0:
+            frames = FrameSchedule(
+                frames.starts_s - injection_s, frames.durations_s, source=frames.source
+            )
         unit_factor = units_to_kbq_per_ml(str(sidecar["Units"]), source=str(paths["pet_json"]))
     except ValueError as err:
         raise KinpetInputError(str(err)) from None
@@ -392,6 +401,8 @@ def read_pet_bids(
     try:
         if input_function == "blood":
             inp = InputFunction.from_blood_tsv(paths["blood"], column=blood_column)
+            if injection_s != 0:
+                inp = InputFunction(inp.times_s - injection_s, inp.values, source=inp.source)
             inp.check_covers(frames, strict=True)
         elif input_function == "aorta":
             inp = InputFunction(
