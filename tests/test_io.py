@@ -205,6 +205,14 @@ def test_label_grid_affine_differs(dataset):
     check_error(root, f"{paths['dseg']}: label map affine differs from the PET affine")
 
 
+def test_label_affine_within_rounding_is_accepted(dataset):
+    root, paths, truth = dataset
+    rounded = truth["affine"].copy()
+    rounded[2, 3] += 5e-4  # float32 rounding of an 800-mm offset is ~5e-5 mm
+    replace_image(paths["dseg"], truth["labels"], rounded)
+    assert read_pet_bids(root, "sub-01").labels.shape == truth["labels"].shape
+
+
 def test_unnamed_label_values(dataset):
     root, paths, truth = dataset
     labels = truth["labels"].copy()

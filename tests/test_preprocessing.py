@@ -149,6 +149,9 @@ def test_slice_range_runs_from_the_bladder_to_the_top_of_the_lungs():
     # 10 mm above and 5 mm below at 2.5 mm per slice: 4 and 2 slices.
     z = slice_range(labels, NAME_INDEX, 2.5, margins_mm=(10, 5))
     np.testing.assert_array_equal(z, np.arange(3, 34))
+    # Half slices round up: 6.25 mm -> 3 slices, 3.75 mm -> 2 slices.
+    z = slice_range(labels, NAME_INDEX, 2.5, margins_mm=(6.25, 3.75))
+    np.testing.assert_array_equal(z, np.arange(3, 33))
     # Margins stop at the image's edges.
     z = slice_range(labels, NAME_INDEX, 2.5, margins_mm=(100, 100))
     np.testing.assert_array_equal(z, np.arange(0, 40))

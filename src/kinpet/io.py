@@ -359,7 +359,7 @@ def read_pet_bids(
             f"{paths['dseg']}: label map shape {labels.shape} differs from the PET grid "
             f"{image.shape[:3]} of {paths['pet'].name}"
         )
-    if not np.allclose(label_affine, image.affine, atol=_AFFINE_TOLERANCE_MM):
+    if not np.allclose(label_affine, image.affine, rtol=0, atol=_AFFINE_TOLERANCE_MM):
         raise KinpetInputError(
             f"{paths['dseg']}: label map affine differs from the PET affine of "
             f"{paths['pet'].name} (the labels must be on the PET grid)\n"

@@ -248,7 +248,8 @@ def slice_range(
         Slice thickness (mm) of the grid, to convert the margins.
     margins_mm : (float, float)
         Extra distance (mm) above the top of the lungs and below the bottom of the
-        bladder; rounded to whole slices and clipped to the image.
+        bladder; rounded to the nearest whole slice (halves up) and clipped to
+        the image.
     n_slices : int, optional
         Keep this many slices, evenly spaced over the range (the paper keeps 75 per
         patient); all slices of the range when None or when the range is shorter.
@@ -269,7 +270,8 @@ def slice_range(
             f"{where}the bladder (lowest slice {bottom}) lies above the top of the lungs "
             f"(slice {top}); is the image upside down?"
         )
-    above, below = (int(round(m / voxel_mm)) for m in margins_mm)
+    # floor(x + 0.5): halves round up (Python's round() would round 2.5 down to 2).
+    above, below = (int(np.floor(m / voxel_mm + 0.5)) for m in margins_mm)
     z0 = max(0, bottom - below)
     z1 = min(labels.shape[2] - 1, top + above)
     z = np.arange(z0, z1 + 1)
