@@ -366,6 +366,17 @@ def read_pet_bids(
             f"labels:\n{np.round(label_affine, 4)}\nPET:\n{np.round(image.affine, 4)}"
         )
 
+    # The blood recording before the image pass: small files fail fast.
+    blood = None
+    if input_function == "blood":
+        try:
+            blood = InputFunction.from_blood_tsv(paths["blood"], column=blood_column)
+            if injection_s != 0:
+                blood = InputFunction(blood.times_s - injection_s, blood.values, blood.source)
+            blood.check_covers(frames, strict=True)
+        except ValueError as err:
+            raise KinpetInputError(str(err)) from None
+
     study = PetStudy(
         subject=subject,
         pet_path=paths["pet"],
@@ -374,7 +385,7 @@ def read_pet_bids(
         frames=frames,
         units=str(sidecar["Units"]),
         unit_factor=unit_factor,
-        input_function=None,
+        input_function=blood,
         labels=labels,
         label_names=names,
         sidecar=sidecar,
@@ -398,21 +409,13 @@ def read_pet_bids(
             f"{negative_tolerance:.0%} of the maximum {high:.4g} kBq/ml (wrong scale or offset?)"
         )
 
-    try:
-        if input_function == "blood":
-            inp = InputFunction.from_blood_tsv(paths["blood"], column=blood_column)
-            if injection_s != 0:
-                inp = InputFunction(inp.times_s - injection_s, inp.values, source=inp.source)
-            inp.check_covers(frames, strict=True)
-        elif input_function == "aorta":
-            inp = InputFunction(
+    if input_function == "aorta":
+        try:
+            study.input_function = InputFunction(
                 frames.mids_s, aorta_means, source=f"{paths['pet']} (mean of the aorta label)"
             )
-        else:
-            inp = None
-    except ValueError as err:
-        raise KinpetInputError(str(err)) from None
-    study.input_function = inp
+        except ValueError as err:
+            raise KinpetInputError(str(err)) from None
     return study
 
 

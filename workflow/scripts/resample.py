@@ -18,7 +18,12 @@ from kinpet.io import (
     write_json,
     write_nifti,
 )
-from kinpet.preprocessing import canonical_grid, resample_to_spacing, voxel_volume_ml
+from kinpet.preprocessing import (
+    PreprocessingError,
+    canonical_grid,
+    resample_to_spacing,
+    voxel_volume_ml,
+)
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 params, out = snakemake.params, snakemake.output  # noqa: F821
@@ -44,7 +49,11 @@ pet = np.empty((*shape, len(study.frames)), dtype=np.float32)
 change = []
 # Frame by frame: a whole-body 4-D image at 1.6 mm need not fit in memory.
 for t, frame in enumerate(study.iter_frames()):
-    pet[..., t] = resample_to_spacing(frame, study.affine, voxel, source=str(study.pet_path))[0]
+    try:
+        pet[..., t] = resample_to_spacing(frame, study.affine, voxel, source=str(study.pet_path))[0]
+    except PreprocessingError as err:  # e.g. an affine with shear
+        print(f"ERROR: {err}", file=sys.stderr)
+        sys.exit(1)
     before = frame.sum(dtype=np.float64) * voxel_volume_ml(study.affine)
     after = pet[..., t].sum(dtype=np.float64) * voxel_volume_ml(affine)
     change.append((after - before) / before if before > 0 else 0.0)
