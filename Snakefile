@@ -8,9 +8,11 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
+include: "workflow/rules/preprocess.smk"
 
 
 rule all:
     input:
         "results/model/organ_curves.tsv",
         "results/figures/sampling_modes.png",
+        expand("results/slices/{subject}.npz", subject=SUBJECTS),

@@ -1,17 +1,21 @@
 """The Snakemake pipeline: dry run, lint and a tiny end-to-end run into a temporary folder."""
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from bids_synthetic import FRAMES, NAMES, write_subject
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import read_organ_values
+from kinpet.io import read_organ_values, read_slices
 from kinpet.kinetics import PARAMETER_NAMES, irreversible_2tc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +26,7 @@ def snakemake(*args, cwd):
     return subprocess.run([SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A copy of the workflow files, so that runs never touch the checkout's results/."""
-    work = tmp_path_factory.mktemp("pipeline")
+def copy_workflow(work):
     for name in ("Snakefile", "workflow", "config", "envs", "src", "tests/config"):
         src = ROOT / name
         dst = work / name
@@ -37,10 +38,29 @@ def workdir(tmp_path_factory):
     return work
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A copy of the workflow files, so that runs never touch the checkout's results/.
+
+    A small synthetic PET-BIDS dataset sits in results/bids, where the phantom writes its
+    subjects (the default config's subjects sub-01..sub-04): sub-02 is stored in another
+    orientation (RAS) and sub-03 in Bq/mL, to check that neither changes the result.
+    """
+    work = copy_workflow(tmp_path_factory.mktemp("pipeline"))
+    bids = work / "results" / "bids"
+    write_subject(bids, "sub-01")
+    write_subject(bids, "sub-02", axcodes=("R", "A", "S"))
+    write_subject(bids, "sub-03", units="Bq/mL", blood_units="Bq/mL", scale=1.5)
+    write_subject(bids, "sub-04")
+    return work
+
+
 def test_dry_run_of_default_config(workdir):
     res = snakemake("-n", "--cores", "1", cwd=workdir)
     assert res.returncode == 0, res.stderr
     assert "organ_curves" in res.stdout
+    for subject in ("sub-01", "sub-02", "sub-03", "sub-04"):
+        assert f"results/slices/{subject}.npz" in res.stdout
 
 
 def test_invalid_config_is_rejected(workdir):
@@ -62,3 +82,85 @@ def test_tiny_end_to_end_run(workdir):
     png = workdir / "results/figures/sampling_modes.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert (workdir / "results/figures/sampling_modes.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_tiny_preprocessing_outputs(workdir):
+    """After the tiny run: the 2.5-mm volumes, the slices and their metadata."""
+    pre = workdir / "results" / "preprocessed" / "sub-01"
+    pet = nib.load(pre / "pet_2p5mm.nii.gz")
+    labels = nib.load(pre / "labels_2p5mm.nii.gz")
+    assert pet.get_data_dtype() == np.float32 and labels.get_data_dtype() == np.int16
+    np.testing.assert_allclose(np.diag(pet.affine)[:3], [-2.5, -2.5, 2.5])
+    np.testing.assert_array_equal(pet.affine, labels.affine)
+    assert pet.shape == (*labels.shape, len(FRAMES))
+    table = pd.read_csv(pre / "labels.tsv", sep="\t")
+    assert list(table["name"]) == NAMES and list(table["index"]) == list(range(len(NAMES)))
+    sidecar = FrameSchedule.from_bids_json(pre / "pet.json")
+    assert sidecar == FRAMES
+    blood = InputFunction.from_blood_tsv(pre / "input_blood.tsv")
+    source = InputFunction.from_blood_tsv(
+        workdir / "results/bids/sub-01/pet/sub-01_recording-idif_blood.tsv"
+    )
+    np.testing.assert_allclose(blood.values, source.values, rtol=1e-9)
+
+    data = read_slices(workdir / "results" / "slices" / "sub-01.npz")
+    vol, lab = np.asarray(pet.dataobj), np.asarray(labels.dataobj)
+    # The slice range, recomputed from the label map: 10 mm (4 slices) above the top of
+    # the lungs, 5 mm (2 slices) below the bottom of the bladder.
+    lungs_z = np.flatnonzero((lab == NAMES.index("lungs")).any(axis=(0, 1)))
+    bladder_z = np.flatnonzero((lab == NAMES.index("bladder")).any(axis=(0, 1)))
+    np.testing.assert_array_equal(data["z"], np.arange(bladder_z.min() - 2, lungs_z.max() + 5))
+    x0, y0 = data["crop"]
+    assert data["tacs"].shape == (data["z"].size, len(FRAMES), 40, 48)
+    assert data["tacs"].dtype == np.float32 and data["labels"].dtype == np.int16
+    expected = vol[x0 : x0 + 48, y0 : y0 + 40][:, :, data["z"]].transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(data["tacs"], expected)
+    np.testing.assert_array_equal(
+        data["labels"], lab[x0 : x0 + 48, y0 : y0 + 40][:, :, data["z"]].transpose(2, 1, 0)
+    )
+    # The crop is centred on the body: equal margins (within a voxel) on both sides.
+    body_x = np.flatnonzero((lab[:, :, data["z"]] > 0).any(axis=(1, 2)))
+    assert abs((body_x.min() - x0) - (x0 + 47 - body_x.max())) <= 1
+    assert data["subject"] == "sub-01"
+    np.testing.assert_array_equal(data["frame_start_s"], FRAMES.starts_s)
+    np.testing.assert_array_equal(data["frame_duration_s"], FRAMES.durations_s)
+
+    # Same anatomy stored in RAS orientation, or in Bq/mL with 1.5 times the activity:
+    # the same slices.
+    ras = read_slices(workdir / "results" / "slices" / "sub-02.npz")
+    np.testing.assert_array_equal(ras["z"], data["z"])
+    np.testing.assert_array_equal(ras["crop"], data["crop"])
+    np.testing.assert_allclose(ras["tacs"], data["tacs"], rtol=1e-5, atol=1e-3)
+    scaled = read_slices(workdir / "results" / "slices" / "sub-03.npz")
+    np.testing.assert_allclose(scaled["tacs"], 1.5 * data["tacs"], rtol=1e-4, atol=1e-3)
+
+
+def test_bad_input_stops_the_pipeline_with_the_file_named(tmp_path):
+    work = copy_workflow(tmp_path / "work")
+    bids = work / "results" / "bids"
+    paths = write_subject(bids, "sub-01")["paths"]
+    meta = json.loads(paths["pet_json"].read_text())
+    del meta["Units"]
+    paths["pet_json"].write_text(json.dumps(meta))
+    config = yaml.safe_load((work / "tests/config/tiny.yaml").read_text())
+    # Config files merge into config/config.yaml key by key: give every role.
+    config["data"]["split"] = {"train": ["sub-01"], "validation": [], "test": []}
+    (work / "bad.yaml").write_text(yaml.safe_dump(config))
+    res = snakemake(
+        "results/slices/sub-01.npz", "--cores", "1", "--configfile", "bad.yaml", cwd=work
+    )
+    assert res.returncode != 0
+    log = (work / "logs/resample/sub-01.log").read_text()
+    assert "ERROR: results/bids/sub-01/pet/sub-01_pet.json: missing PET-BIDS field(s) Units" in log
+    assert "Traceback" not in log
+    assert not (work / "results/preprocessed/sub-01").exists() or not any(
+        (work / "results/preprocessed/sub-01").iterdir()
+    )
+
+
+def test_a_subject_in_two_roles_is_rejected(workdir):
+    config = {"data": {"split": {"train": ["sub-01"], "validation": ["sub-01"], "test": []}}}
+    (workdir / "twice.yaml").write_text(yaml.safe_dump(config))
+    res = snakemake("-n", "--cores", "1", "--configfile", "twice.yaml", cwd=workdir)
+    assert res.returncode != 0
+    assert "a subject appears twice" in res.stderr + res.stdout

@@ -11,3 +11,41 @@ _SRC = str(Path(workflow.basedir) / "src")
 os.environ.update(
     PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 )
+
+
+# -- Subjects and PET-BIDS inputs (preprocess.smk) ---------------------------------------
+DATA = config["data"]
+PREPROCESS = config["preprocess"]
+SPLIT = {role: DATA["split"].get(role, []) for role in ("train", "validation", "test")}
+SUBJECTS = [s for role in ("train", "validation", "test") for s in SPLIT[role]]
+if len(set(SUBJECTS)) != len(SUBJECTS):
+    raise ValueError(
+        f"config data.split: a subject appears twice (train / validation / test must be disjoint): {SPLIT}"
+    )
+
+# The phantom writes its subjects where `simulate` puts them; a user's dataset is anywhere.
+BIDS_ROOT = Path("results/bids" if DATA["source"] == "phantom" else DATA["bids_root"])
+
+
+wildcard_constraints:
+    subject="sub-[A-Za-z0-9]+",
+
+
+def bids_inputs(wildcards):
+    """Files of one subject (the layout of kinpet.io.bids_paths, kept here to spare the
+    Snakefile the package import)."""
+    subject = wildcards.subject
+    pet, labels = (
+        BIDS_ROOT / subject / "pet",
+        BIDS_ROOT / "derivatives" / "labels" / subject,
+    )
+    files = {
+        "pet": pet / f"{subject}_pet.nii.gz",
+        "pet_json": pet / f"{subject}_pet.json",
+        "dseg": labels / f"{subject}_dseg.nii.gz",
+        "dseg_tsv": labels / f"{subject}_dseg.tsv",
+    }
+    if DATA["input_function"] == "blood":
+        blood = pet / f"{subject}_recording-{DATA['blood_recording']}_blood.tsv"
+        files.update(blood=blood, blood_json=blood.with_suffix(".json"))
+    return {key: str(path) for key, path in files.items()}

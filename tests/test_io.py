@@ -1,0 +1,306 @@
+"""Reading PET-BIDS datasets (kinpet.io.read_pet_bids): good data and every bad input."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from bids_synthetic import FRAMES, NAMES, write_subject
+
+from kinpet.io import (
+    KinpetInputError,
+    atomic_path,
+    bids_paths,
+    read_pet_bids,
+    read_slices,
+    write_nifti,
+    write_slices,
+)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bids")
+    truth = write_subject(root)
+    return root, truth
+
+
+@pytest.fixture
+def dataset(template, tmp_path):
+    """A fresh copy of the good dataset that a test may break."""
+    root, truth = template
+    copy = tmp_path / "bids"
+    shutil.copytree(root, copy)
+    return copy, bids_paths(copy, "sub-01"), truth
+
+
+def edit_json(path, **changes):
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta))
+
+
+def replace_image(path, data, affine=None):
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(data, image.affine if affine is None else affine), path)
+
+
+def test_reads_the_study(dataset):
+    root, paths, truth = dataset
+    study = read_pet_bids(root, "sub-01")
+    assert study.shape == (*truth["labels"].shape, len(FRAMES))
+    assert study.frames == FRAMES
+    np.testing.assert_array_equal(study.labels, truth["labels"])
+    assert study.label_names == {name: i for i, name in enumerate(NAMES)}
+    np.testing.assert_allclose(study.frame(3), truth["pet"][..., 3], rtol=1e-6)
+    np.testing.assert_allclose(study.input_function.values, truth["input"].values, rtol=1e-9)
+    np.testing.assert_array_equal(study.affine, truth["affine"])
+
+
+def test_converts_units_to_kbq_per_ml(tmp_path):
+    truth = write_subject(tmp_path, units="Bq/mL", blood_units="Bq/mL")
+    study = read_pet_bids(tmp_path, "sub-01")
+    assert study.unit_factor == 1e-3
+    np.testing.assert_allclose(study.frame(5), truth["pet"][..., 5], rtol=1e-6)
+    np.testing.assert_allclose(study.input_function.values, truth["input"].values, rtol=1e-9)
+
+
+def test_image_derived_input_from_the_aorta(dataset):
+    root, _, truth = dataset
+    study = read_pet_bids(root, "sub-01", input_function="aorta")
+    np.testing.assert_array_equal(study.input_function.times_s, FRAMES.mids_s)
+    aorta = truth["labels"] == NAMES.index("aorta")
+    expected = truth["pet"][aorta].mean(axis=0, dtype=np.float64)
+    np.testing.assert_allclose(study.input_function.values, expected, rtol=1e-6)
+
+
+def test_labels_go_by_name_not_number(dataset):
+    root, paths, truth = dataset
+    # Renumber: lungs 3 -> 30, bladder 11 -> 31.
+    labels = truth["labels"].copy()
+    labels[labels == 3], labels[labels == 11] = 30, 31
+    replace_image(paths["dseg"], labels)
+    table = pd.read_csv(paths["dseg_tsv"], sep="\t")
+    table.loc[table.name == "lungs", "index"] = 30
+    table.loc[table.name == "bladder", "index"] = 31
+    table.to_csv(paths["dseg_tsv"], sep="\t", index=False)
+    study = read_pet_bids(root, "sub-01")
+    assert study.label_names["lungs"] == 30 and study.label_names["bladder"] == 31
+
+
+def check_error(root, match, **kwargs):
+    with pytest.raises(KinpetInputError, match=match) as info:
+        read_pet_bids(root, "sub-01", **kwargs)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("key", ["pet", "pet_json", "dseg", "dseg_tsv", "blood"])
+def test_missing_file_names_the_expected_path(dataset, key):
+    root, paths, _ = dataset
+    paths[key].unlink()
+    check_error(root, f"{paths[key]}: file not found")
+
+
+def test_blood_file_not_needed_for_an_image_derived_input(dataset):
+    root, paths, _ = dataset
+    paths["blood"].unlink()
+    assert read_pet_bids(root, "sub-01", input_function="aorta").input_function is not None
+
+
+def test_frame_count_differs_between_image_and_sidecar(dataset):
+    root, paths, _ = dataset
+    edit_json(paths["pet_json"], **FRAMES_MINUS_ONE)
+    msg = check_error(root, "the image has 6 frames but sub-01_pet.json lists 5")
+    assert str(paths["pet"]) in msg
+
+
+FRAMES_MINUS_ONE = {
+    "FrameTimesStart": list(FRAMES.starts_s[:-1]),
+    "FrameDuration": list(FRAMES.durations_s[:-1]),
+}
+
+
+@pytest.mark.parametrize("field", ["FrameTimesStart", "FrameDuration", "Units"])
+def test_missing_sidecar_field(dataset, field):
+    root, paths, _ = dataset
+    edit_json(paths["pet_json"], **{field: None})
+    check_error(root, f"{paths['pet_json']}: missing PET-BIDS field\\(s\\) {field}")
+
+
+def test_bad_frame_times(dataset):
+    root, paths, _ = dataset
+    edit_json(paths["pet_json"], FrameDuration=[10, 20, 30, 60, -120, 300])
+    check_error(root, f"{paths['pet_json']}: frame 4 has duration -120")
+
+
+def test_unknown_pet_units(dataset):
+    root, paths, _ = dataset
+    edit_json(paths["pet_json"], Units="SUV")
+    check_error(root, f"{paths['pet_json']}: unknown units 'SUV'")
+
+
+def test_unknown_blood_units(dataset):
+    root, paths, _ = dataset
+    sidecar = paths["blood"].with_suffix(".json")
+    edit_json(sidecar, whole_blood_radioactivity={"Units": "counts"})
+    check_error(root, f"{sidecar}: unknown units 'counts'")
+
+
+def test_image_not_decay_corrected(dataset):
+    root, paths, _ = dataset
+    edit_json(paths["pet_json"], ImageDecayCorrected=False)
+    check_error(root, f"{paths['pet_json']}: ImageDecayCorrected is false")
+
+
+@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "infinite")])
+def test_nan_or_infinite_image(dataset, bad, word):
+    root, paths, truth = dataset
+    data = truth["pet"].copy()
+    data[5, 6, 7, 2] = bad
+    replace_image(paths["pet"], data)
+    check_error(root, f"{paths['pet']}: frame 2 contains {word} values")
+
+
+def test_negative_image_is_rejected(dataset):
+    root, paths, truth = dataset
+    data = truth["pet"].copy()
+    data[5, 6, 7, 4] = -0.1 * data.max()
+    replace_image(paths["pet"], data)
+    check_error(root, f"{paths['pet']}: negative values down to")
+
+
+def test_small_negative_noise_is_kept(dataset):
+    root, paths, truth = dataset
+    data = truth["pet"].copy()
+    data[5, 6, 7, 4] = -0.01 * data.max()
+    replace_image(paths["pet"], data)
+    study = read_pet_bids(root, "sub-01")
+    assert study.frame(4)[5, 6, 7] == pytest.approx(-0.01 * data.max(), rel=1e-6)
+
+
+def test_image_must_be_4d(dataset):
+    root, paths, truth = dataset
+    replace_image(paths["pet"], truth["pet"][..., 0])
+    check_error(root, f"{paths['pet']}: expected a 4-D image")
+
+
+def test_label_grid_shape_differs(dataset):
+    root, paths, truth = dataset
+    replace_image(paths["dseg"], truth["labels"][:, :, :-1])
+    msg = check_error(root, f"{paths['dseg']}: label map shape .* differs from the PET grid")
+    assert "sub-01_pet.nii.gz" in msg
+
+
+def test_label_grid_affine_differs(dataset):
+    root, paths, truth = dataset
+    shifted = truth["affine"].copy()
+    shifted[2, 3] += 2.0  # 2 mm along z
+    replace_image(paths["dseg"], truth["labels"], shifted)
+    check_error(root, f"{paths['dseg']}: label map affine differs from the PET affine")
+
+
+def test_label_affine_within_rounding_is_accepted(dataset):
+    root, paths, truth = dataset
+    rounded = truth["affine"].copy()
+    rounded[2, 3] += 5e-4  # float32 rounding of an 800-mm offset is ~5e-5 mm
+    replace_image(paths["dseg"], truth["labels"], rounded)
+    assert read_pet_bids(root, "sub-01").labels.shape == truth["labels"].shape
+
+
+def test_unnamed_label_values(dataset):
+    root, paths, truth = dataset
+    labels = truth["labels"].copy()
+    labels[0, 0, 0] = 77
+    replace_image(paths["dseg"], labels)
+    check_error(root, f"{paths['dseg']}: label value\\(s\\) 77 are not listed in sub-01_dseg.tsv")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs", [("lungs", {}), ("bladder", {}), ("aorta", {"input_function": "aorta"})]
+)
+def test_missing_label_name(dataset, name, kwargs):
+    root, paths, _ = dataset
+    table = pd.read_csv(paths["dseg_tsv"], sep="\t")
+    table.loc[table.name == name, "name"] = "something_else"
+    table.to_csv(paths["dseg_tsv"], sep="\t", index=False)
+    check_error(root, f"{paths['dseg_tsv']}: no label named '{name}'", **kwargs)
+
+
+def test_label_without_voxels(dataset):
+    root, paths, truth = dataset
+    labels = truth["labels"].copy()
+    labels[labels == NAMES.index("aorta")] = NAMES.index("body")
+    replace_image(paths["dseg"], labels)
+    check_error(
+        root, f"{paths['dseg']}: label 'aorta' \\(8\\) has no voxels", input_function="aorta"
+    )
+
+
+def test_blood_input_must_cover_the_scan(dataset):
+    root, paths, _ = dataset
+    table = pd.read_csv(paths["blood"], sep="\t")
+    table[table.time <= 200].to_csv(paths["blood"], sep="\t", index=False)  # scan ends 540 s
+    check_error(root, f"{paths['blood']}: the input function ends at .* but the scan ends at 540")
+
+
+def test_blood_column_must_exist(dataset):
+    root, _, _ = dataset
+    check_error(root, "no column 'plasma_radioactivity'", blood_column="plasma")
+
+
+def test_atomic_writes_leave_nothing_on_failure(tmp_path):
+    target = tmp_path / "out" / "image.nii.gz"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.parent == target.parent
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert list(target.parent.iterdir()) == []
+    write_nifti(target, np.ones((2, 3, 4), dtype=np.int16), np.diag([-2.5, -2.5, 2.5, 1]))
+    image = nib.load(target)
+    assert image.get_data_dtype() == np.int16 and image.shape == (2, 3, 4)
+    assert [p.name for p in target.parent.iterdir()] == ["image.nii.gz"]
+
+
+def test_slices_file_round_trip(tmp_path):
+    path = tmp_path / "sub-01.npz"
+    arrays = {
+        "tacs": np.ones((2, 3, 4, 5), np.float32),
+        "labels": np.zeros((2, 4, 5), np.int16),
+        "z": np.array([7, 8]),
+        "crop": np.array([-1, 2]),
+        "frame_start_s": np.array([0.0, 10, 20]),
+        "frame_duration_s": np.array([10.0, 10, 10]),
+        "subject": np.array("sub-01"),
+    }
+    write_slices(path, **arrays)
+    back = read_slices(path)
+    assert back["subject"] == "sub-01"
+    np.testing.assert_array_equal(back["crop"], [-1, 2])
+    write_slices(path, tacs=arrays["tacs"])
+    with pytest.raises(KinpetInputError, match="missing array"):
+        read_slices(path)
+
+
+def test_times_count_from_the_injection(dataset):
+    """Frames and blood samples 30 s after TimeZero with InjectionStart = 30 s: the study's
+    times are the same as when the injection is at TimeZero."""
+    root, paths, truth = dataset
+    edit_json(
+        paths["pet_json"],
+        FrameTimesStart=[float(s) + 30 for s in FRAMES.starts_s],
+        InjectionStart=30,
+    )
+    table = pd.read_csv(paths["blood"], sep="\t")
+    table["time"] += 30
+    table.to_csv(paths["blood"], sep="\t", index=False)
+    study = read_pet_bids(root, "sub-01")
+    assert study.frames == FRAMES
+    np.testing.assert_allclose(study.input_function.times_s, truth["input"].times_s, atol=1e-9)
+    edit_json(paths["pet_json"], InjectionStart="soon")
+    check_error(root, f"{paths['pet_json']}: InjectionStart must be a number")

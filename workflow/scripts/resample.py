@@ -1,0 +1,95 @@
+"""Read and validate one PET-BIDS subject; resample PET and labels to the configured voxel
+size; write the input function and the frame sidecar beside them."""
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kinpet.io import (
+    KinpetInputError,
+    atomic_path,
+    read_pet_bids,
+    write_blood_tsv,
+    write_json,
+    write_nifti,
+)
+from kinpet.preprocessing import (
+    PreprocessingError,
+    canonical_grid,
+    resample_to_spacing,
+    voxel_volume_ml,
+)
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+params, out = snakemake.params, snakemake.output  # noqa: F821
+subject = snakemake.wildcards.subject  # noqa: F821
+
+try:
+    study = read_pet_bids(
+        params.bids_root,
+        subject,
+        input_function=params.input_function,
+        blood_recording=params.blood_recording,
+        blood_column=params.blood_column,
+    )
+except KinpetInputError as err:
+    # The message names the file and the problem; a traceback would only hide it.
+    print(f"ERROR: {err}", file=sys.stderr)
+    sys.exit(1)
+print(f"{study.pet_path}: {study.shape}, {study.units} -> kBq/mL", file=sys.stderr)
+
+voxel = float(params.voxel_mm)
+shape, affine = canonical_grid(study.shape, study.affine, voxel)
+pet = np.empty((*shape, len(study.frames)), dtype=np.float32)
+change = []
+# Frame by frame: a whole-body 4-D image at 1.6 mm need not fit in memory.
+for t, frame in enumerate(study.iter_frames()):
+    try:
+        pet[..., t] = resample_to_spacing(frame, study.affine, voxel, source=str(study.pet_path))[0]
+    except PreprocessingError as err:  # e.g. an affine with shear
+        print(f"ERROR: {err}", file=sys.stderr)
+        sys.exit(1)
+    before = frame.sum(dtype=np.float64) * voxel_volume_ml(study.affine)
+    after = pet[..., t].sum(dtype=np.float64) * voxel_volume_ml(affine)
+    change.append((after - before) / before if before > 0 else 0.0)
+labels = resample_to_spacing(study.labels, study.affine, voxel, "nearest")[0]
+print(
+    f"resampled to {shape} at {voxel} mm; total activity (sum of C x voxel volume) "
+    f"changed by at most {max(change, key=abs):+.3%} in a frame",
+    file=sys.stderr,
+)
+
+write_nifti(out.pet, pet, affine)
+write_nifti(out.labels, labels, affine, dtype=np.int16)
+table = pd.DataFrame({"index": list(study.label_names.values()), "name": list(study.label_names)})
+with atomic_path(out.labels_tsv) as tmp:
+    table.to_csv(tmp, sep="\t", index=False)
+
+inp = study.input_function
+if params.input_function == "aorta":
+    description = "Image-derived input: mean of the aorta label per frame, at frame mid-times"
+else:
+    description = f"Blood recording {Path(inp.source).name} ({params.blood_column})"
+# write_blood_tsv writes the .tsv and its .json: write both in a scratch folder, then move.
+with tempfile.TemporaryDirectory(dir=Path(out.blood).parent) as scratch:
+    staged = Path(scratch) / Path(out.blood).name
+    write_blood_tsv(staged, inp, description=description)
+    os.replace(staged.with_suffix(".json"), out.blood_json)
+    os.replace(staged, out.blood)
+
+sidecar = {
+    **study.frames.to_bids(),
+    "Units": "kBq/mL",
+    "ImageDecayCorrected": True,
+    "TracerName": study.sidecar.get("TracerName", "FDG"),
+    "VoxelSize_mm": voxel,
+    "Sources": [str(study.pet_path)],
+    "InputFunction": description,
+}
+write_json(out.pet_json, sidecar)
+print(json.dumps({"input_function": repr(inp)}), file=sys.stderr)

@@ -1,0 +1,58 @@
+"""Cut the lungs-to-bladder axial slices of one subject, cropped around the body."""
+
+import sys
+
+import nibabel as nib
+import numpy as np
+
+from kinpet.frames import FrameSchedule
+from kinpet.io import read_label_table, write_slices
+from kinpet.preprocessing import (
+    PreprocessingError,
+    centre_crop_offsets,
+    extract_slices,
+    slice_range,
+)
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+params, inp = snakemake.params, snakemake.input  # noqa: F821
+subject = snakemake.wildcards.subject  # noqa: F821
+
+label_image = nib.load(inp.labels)
+labels = np.asarray(label_image.dataobj, dtype=np.int16)
+affine = label_image.affine
+names = read_label_table(inp.labels_tsv)
+frames = FrameSchedule.from_bids_json(inp.pet_json)
+slice_mm = float(np.linalg.norm(affine[:3, 2]))
+crop = tuple(int(c) for c in params.crop)
+try:
+    z = slice_range(labels, names, slice_mm, params.margins_mm, params.n_slices, source=inp.labels)
+except PreprocessingError as err:
+    print(f"ERROR: {err}", file=sys.stderr)
+    sys.exit(1)
+offsets = centre_crop_offsets(labels, z, crop, names.get("background", 0))
+
+# Read only the slab of slices that is needed.
+slab = np.asarray(nib.load(inp.pet).dataobj[:, :, z.min() : z.max() + 1, :], dtype=np.float32)
+tacs, slice_labels = extract_slices(
+    slab, labels[:, :, z.min() : z.max() + 1], z - z.min(), offsets, crop
+)
+write_slices(
+    snakemake.output[0],  # noqa: F821
+    tacs=tacs,
+    labels=slice_labels,
+    z=z.astype(np.int64),
+    crop=np.array(offsets, dtype=np.int64),
+    frame_start_s=frames.starts_s,
+    frame_duration_s=frames.durations_s,
+    subject=np.array(subject),
+    shape=np.array(labels.shape, dtype=np.int64),
+    affine=affine,
+    label_index=np.array(list(names.values()), dtype=np.int64),
+    label_name=np.array(list(names)),
+)
+print(
+    f"{subject}: {z.size} slices (z {z.min()}..{z.max()}), crop {crop} at x0, y0 = {offsets}, "
+    f"{len(frames)} frames",
+    file=sys.stderr,
+)
