@@ -9,6 +9,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:
@@ -16,3 +17,4 @@ rule all:
         "results/model/organ_curves.tsv",
         "results/figures/sampling_modes.png",
         expand("results/slices/{subject}.npz", subject=SUBJECTS),
+        prediction_outputs(),

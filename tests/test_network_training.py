@@ -9,7 +9,7 @@ from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, irreversible_2tc
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.network import KineticUNet, count_parameters, pad_frames
-from kinpet.prediction import place_slices, predict_slices, predict_volume
+from kinpet.prediction import predict_slices, predict_volume
 from kinpet.training import (
     SliceSet,
     TrainSettings,
@@ -164,19 +164,6 @@ def test_resume_gives_identical_results(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_predictions_go_back_to_their_slice_and_crop():
-    shape = (10, 12, 6)
-    maps = np.arange(2 * 2 * 4 * 5, dtype=np.float32).reshape(2, 2, 4, 5)
-    vol = place_slices(maps, z=[1, 4], crop=(3, 6), volume_shape=shape)
-    assert vol.shape == (10, 12, 6, 2)
-    np.testing.assert_array_equal(vol[3:7, 6:11, 1, 0], maps[0, 0])
-    np.testing.assert_array_equal(vol[3:7, 6:11, 4, 1], maps[1, 1])
-    assert np.isnan(vol[:, :, 0]).all() and np.isnan(vol[0, 0, 1]).all()
-    # A crop hanging over the border keeps only the part inside the volume.
-    over = place_slices(maps, z=[0, 5], crop=(-1, 9), volume_shape=shape)
-    np.testing.assert_array_equal(over[0:3, 9:12, 0, 0], maps[0, 0, 1:4, 0:3])
-
-
 def test_whole_volume_prediction_matches_slice_prediction():
     torch.manual_seed(0)
     net = KineticUNet()
@@ -184,7 +171,8 @@ def test_whole_volume_prediction_matches_slice_prediction():
     pet = rng.uniform(0, 20, (20, 18, 5, 62)).astype(np.float32)  # not multiples of 16
     vol = predict_volume(net, pet, batch_size=2)
     assert vol.shape == (20, 18, 5, 5)
-    one = predict_slices(net, pet[:, :, 3:4].transpose(2, 3, 0, 1))
-    np.testing.assert_allclose(vol[:, :, 3, :4], one[0].transpose(1, 2, 0), rtol=1e-5, atol=1e-6)
+    # The training slices' layout: [S, T, H = y, W = x] (kinpet.preprocessing.extract_slices).
+    one = predict_slices(net, pet[:, :, 3:4].transpose(2, 3, 1, 0))
+    np.testing.assert_allclose(vol[:, :, 3, :4], one[0].transpose(2, 1, 0), rtol=1e-5, atol=1e-6)
     k1, k2, k3 = vol[..., 0], vol[..., 1], vol[..., 2]
     np.testing.assert_allclose(vol[..., 4], k1 * k3 / (k2 + k3), rtol=1e-6)

@@ -235,3 +235,17 @@ def pad_frames(
         return nn.functional.pad(x, (0, 0, 0, 0, before, after))
     # replicate-pad needs a 5-D input with the padded axis among the last three.
     return nn.functional.pad(x, (0, 0, 0, 0, before, after), mode="replicate")
+
+
+def slices_to_parameters(model: KineticUNet, tacs: torch.Tensor, time_padding="replicate"):
+    """Run the network on slices [B, T, H, W] of any size; parameters [B, 4, H, W].
+
+    Time is padded to the network's frames; space is zero-padded to a multiple of
+    2**depth and cropped back (zero pixels fall outside the activity mask).
+    """
+    h, w = tacs.shape[-2:]
+    m = model.spatial_multiple
+    ph, pw = (-h) % m, (-w) % m
+    if ph or pw:
+        tacs = nn.functional.pad(tacs, (0, pw, 0, ph))
+    return model(pad_frames(tacs, model.n_frames, time_padding))[:, :, :h, :w]

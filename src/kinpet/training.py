@@ -23,7 +23,7 @@ from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
-from kinpet.network import PADDED_FRAMES, KineticUNet, pad_frames
+from kinpet.network import KineticUNet, slices_to_parameters
 
 
 @dataclass
@@ -160,11 +160,11 @@ def _seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _forward(model, x, device, amp: bool):
+def _forward(model, tacs, device, amp: bool, time_padding: str):
     if amp and device.type == "cuda":
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(x).float()
-    return model(x)
+            return slices_to_parameters(model, tacs, time_padding).float()
+    return slices_to_parameters(model, tacs, time_padding)
 
 
 def evaluate(model, data: SliceSet, settings: TrainSettings, device=None, batch_size=None):
@@ -176,7 +176,7 @@ def evaluate(model, data: SliceSet, settings: TrainSettings, device=None, batch_
     with torch.inference_mode():
         for rows in torch.arange(len(data)).split(batch_size):
             meas = data.tacs[rows].to(device)
-            params = _forward(model, pad_frames(meas, PADDED_FRAMES), device, settings.amp)
+            params = _forward(model, meas, device, settings.amp, "replicate")
             pred = model_tacs(params, data.subject[rows], data.models)
             mask = activity_mask(meas, data.frames, settings.mask_threshold)
             losses.append(float(masked_mse(pred, meas, mask)))
@@ -265,7 +265,8 @@ def train(
         running, seen = 0.0, 0
         for b, rows in enumerate(order.split(settings.batch_size)):
             meas = train_set.tacs[rows].to(device)
-            params = _forward(model, pad_frames(meas, PADDED_FRAMES, "zeros"), device, settings.amp)
+            # The paper pads time with zeros in training, replicated frames in validation.
+            params = _forward(model, meas, device, settings.amp, "zeros")
             pred = model_tacs(params, train_set.subject[rows], train_set.models)
             mask = activity_mask(meas, train_set.frames, settings.mask_threshold)
             loss = masked_mse(pred, meas, mask)

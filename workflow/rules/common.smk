@@ -49,3 +49,41 @@ def bids_inputs(wildcards):
         blood = pet / f"{subject}_recording-{DATA['blood_recording']}_blood.tsv"
         files.update(blood=blood, blood_json=blood.with_suffix(".json"))
     return {key: str(path) for key, path in files.items()}
+
+
+# -- Training and prediction (train.smk) -------------------------------------------------
+TRAINING = config.get("training") or {}
+for _name in TRAINING.get("run", []):
+    if _name not in TRAINING["ablations"]:
+        raise ValueError(f"config training.run names an unknown ablation: {_name}")
+ABLATIONS = {name: TRAINING["ablations"][name] for name in TRAINING.get("run", [])}
+TRAINING_SETTINGS = {
+    key: TRAINING[key]
+    for key in (
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "halve_every",
+        "validate_every",
+        "sampling",
+        "mask_threshold",
+        "seed",
+        "device",
+        "amp",
+    )
+    if key in TRAINING
+}
+MAP_NAMES = ["K1", "k2", "k3", "Vb", "Ki"]
+
+
+wildcard_constraints:
+    ablation="[0-9A-Za-z._-]+",
+
+
+def prediction_outputs():
+    """Every trained ablation's maps and slice metrics for every test subject."""
+    return expand(
+        "results/prediction/{ablation}/{subject}/slice_metrics.tsv",
+        ablation=list(ABLATIONS),
+        subject=SPLIT["test"],
+    )
