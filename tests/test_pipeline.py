@@ -62,3 +62,11 @@ def test_tiny_end_to_end_run(workdir):
     png = workdir / "results/figures/sampling_modes.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert (workdir / "results/figures/sampling_modes.pdf").read_bytes()[:4] == b"%PDF"
+    # The phantom: two tiny subjects as PET-BIDS and its figure.
+    bids = workdir / "results/bids"
+    assert (bids / "dataset_description.json").exists()
+    for sid in ("sub-01", "sub-02"):
+        assert (bids / sid / "pet" / f"{sid}_pet.nii.gz").stat().st_size > 100_000
+        assert (bids / "derivatives/truth" / sid / f"{sid}_desc-Ki_truth.nii.gz").exists()
+    png = workdir / "results/figures/phantom_coronal.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
