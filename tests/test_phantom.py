@@ -264,3 +264,22 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     other = simulate(tmp_path / "c", seed=SEED + 1, fwhm_mm=4.0, noise_cov=0.1)
     pet = files(first)["pet"].relative_to(first)
     assert (first / pet).read_bytes() != (other / pet).read_bytes()
+
+
+def test_built_in_values_equal_the_config_table():
+    a = phantom.make_subject("sub-01", seed=SEED, size="tiny", organ_values=ORGANS)
+    b = phantom.make_subject("sub-01", seed=SEED, size="tiny")
+    assert a.organ_params.keys() == b.organ_params.keys()
+    for name in a.organ_params:
+        np.testing.assert_array_equal(a.organ_params[name], b.organ_params[name])
+
+
+def test_command_line_simulates_a_dataset(tmp_path, capsys):
+    from kinpet.cli import main
+
+    args = ["simulate", "--out", str(tmp_path), "--subjects", "sub-02", "--size", "tiny"]
+    assert main([*args, "--noise-cov", "0"]) == 0
+    description = json.loads((tmp_path / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "raw" and "BIDSVersion" in description
+    assert nib.load(files(tmp_path, "sub-02")["pet"]).shape[3] == 62
+    assert "sub-02: done" in capsys.readouterr().err

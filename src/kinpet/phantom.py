@@ -71,9 +71,17 @@ PAPER_ORGANS = ("bones", "lungs", "heart", "liver", "kidneys", "spleen", "aorta"
 BLOOD_LABELS = ("aorta", "heart_blood")
 TRUTH_NAMES = (*PARAMETER_NAMES, "Ki")
 
-# Used when the organ table has no row for these labels (reference/fdg_values.md gives a
-# range for muscle; the gallbladder holds bile with little uptake).
+# Population means (K1, k2, k3, Vb) used where the organ table has no row: those of
+# reference/fdg_values.md (as config/organ_values.tsv); muscle takes the middle of its
+# ranges there, and the gallbladder (bile, little uptake) is an assumption.
 DEFAULT_VALUES = {
+    "liver": (0.65, 0.68, 0.0035, 0.01),
+    "lungs": (0.23, 1.5, 0.012, 0.09),
+    "kidneys": (0.79, 0.67, 0.008, 0.08),
+    "spleen": (1.5, 2.7, 0.007, 0.04),
+    "bones": (0.11, 0.64, 0.025, 0.003),
+    "heart": (0.6, 1.2, 0.1, 0.05),
+    "tumour": (0.24, 0.78, 0.10, 0.05),
     "body": (0.07, 0.5, 0.03, 0.03),
     "gallbladder": (0.02, 0.5, 0.01, 0.01),
 }
@@ -909,6 +917,7 @@ def write_dataset(
     fwhm_mm=4.0,
     noise_cov=0.10,
     log=_log,
+    threads=1,
     **draw,
 ) -> list:
     """Simulate several subjects and the dataset-level files (a convenience for the CLI)."""
@@ -920,7 +929,7 @@ def write_dataset(
     out = []
     for sid in subject_ids(subjects):
         subject = make_subject(sid, seed, size, organ_values, voxel_mm, **draw)
-        out.append(simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log))
+        out.append(simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log, threads))
     return out
 
 

@@ -60,5 +60,7 @@ rule phantom_figure:
         "logs/phantom_figure.log",
     conda:
         "../../envs/kinpet.yaml"
+    params:
+        subject=PHANTOM["figure_subject"],
     script:
         "../scripts/phantom_figure.py"

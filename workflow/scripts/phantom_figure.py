@@ -43,10 +43,8 @@ for name in shown:
         tac = plane[lab == index[name]].mean(axis=0)
         style = "-" if name in PAPER_ORGANS else "--"
         ax_tac.plot(mids_min, tac, style, color=colours[name], label=name)
-ax.set_title(
-    f"{snakemake.wildcards.get('subject', '') or meta.get('PhantomSize', '')} "  # noqa: F821
-    f"coronal, frame {len(mids_min)} ({mids_min[-1]:.0f} min)"
-)
+subject = snakemake.params.subject  # noqa: F821
+ax.set_title(f"{subject} ({meta['PhantomSize']}), frame {len(mids_min)} ({mids_min[-1]:.0f} min)")
 ax.set_xlabel("patient right  ->  left (mm)")
 ax.set_ylabel("inferior  ->  superior (mm)")
 ax_tac.set_xscale("symlog", linthresh=2)
