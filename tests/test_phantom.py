@@ -188,6 +188,16 @@ def test_noise_level_matches_the_target(clean, noisy):
     assert np.all(image[labels == 0] == 0)
 
 
+def test_noise_target_holds_after_the_psf(tmp_path):
+    # With blur, the target CoV refers to the blurred liver (the image the noise is added to).
+    exact = load(files(simulate(tmp_path / "c", fwhm_mm=4.0))["pet"])[..., -1]
+    f = files(simulate(tmp_path / "n", fwhm_mm=4.0, noise_cov=0.10))
+    liver = load(f["dseg"]) == phantom.LABEL_INDEX["liver"]
+    c, y = exact[liver].astype(np.float64), load(f["pet"])[..., -1][liver]
+    cov = np.sqrt(np.mean((y - c) ** 2)) / np.mean(c)
+    assert abs(cov - 0.10) < 0.10 * 5 * np.sqrt(1 / (2 * c.size)), cov
+
+
 def test_blur_has_the_configured_fwhm():
     image = np.zeros((41, 41, 41), dtype=np.float32)
     image[20, 20, 20] = 1.0

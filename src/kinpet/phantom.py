@@ -15,8 +15,8 @@ Image formation, per subject:
    by slab along z, into a temporary float32 file ordered [t, z, y, x];
 3. frame by frame: Gaussian PSF blur, then Gaussian noise with variance a C / (d dt)
    (d the mean decay factor of the frame, dt its length in minutes), with ``a`` set so that
-   the coefficient of variation of the liver in the reference frame (the last frame, 300 s
-   in the paper's schedule) equals ``noise_cov``; negative values are clipped to 0 (see
+   the coefficient of variation of the liver in the blurred reference frame (the last
+   frame, 300 s in the paper's schedule) equals ``noise_cov``; negative values are clipped to 0 (see
    :func:`add_noise`).
 
 Special voxels:
@@ -771,7 +771,6 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
     slab = max(1, _SLAB_VOXELS // (nx * ny))
     labels = np.zeros((nz, ny, nx), dtype=np.int16)
     truth = np.zeros((5, nz, ny, nx), dtype=np.float32)
-    liver_sum, liver_n = 0.0, 0
     frame_bytes = nx * ny * nz * 4
     log(
         f"{sid}: grid {nx} x {ny} x {nz} voxels of {grid.voxel_mm} mm, {nt} frames, "
@@ -793,9 +792,6 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
             t[:4, index] = true_params.T
             with np.errstate(invalid="ignore", divide="ignore"):
                 t[4, index] = ki(true_params)  # 0/0 for blood and bladder: set to 0 below
-            liver = lab.ravel() == LABEL_INDEX["liver"]
-            liver_sum += float(tac[reference_frame, liver].astype(np.float64).sum())
-            liver_n += int(liver.sum())
             for f in range(nt):
                 clean.seek(f * frame_bytes + z0 * ny * nx * 4)
                 clean.write(tac[f].tobytes())
@@ -803,7 +799,13 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
         t_model = time.perf_counter() - t_start
         # Blood voxels have K1 = k2 = k3 = 0 in the truth, so Ki = 0 (not NaN).
         np.nan_to_num(truth[4], copy=False)
-        reference = liver_sum / max(liver_n, 1)
+        # The reference is the liver's mean in the blurred reference frame: the image the
+        # noise is added to, so the liver's CoV there is noise_cov.
+        clean.seek(reference_frame * frame_bytes)
+        image = np.frombuffer(clean.read(frame_bytes), dtype=np.float32).reshape(nz, ny, nx)
+        liver = labels == LABEL_INDEX["liver"]
+        image = blur(image, fwhm_mm, grid.voxel_mm)
+        reference = float(image[liver].astype(np.float64).mean()) if liver.any() else 0.0
         a = noise_scale(noise_cov, reference, frames, reference_frame) if noise_cov > 0 else 0.0
         log(f"{sid}: liver in the reference frame {reference:.3f} kBq/ml, noise a = {a:.5g}")
         header = io.nifti_header(grid.shape + (nt,), grid.affine, np.float32, frames)
