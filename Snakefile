@@ -10,6 +10,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/simulate.smk"
 
 
 rule all:
@@ -18,3 +19,4 @@ rule all:
         "results/figures/sampling_modes.png",
         expand("results/slices/{subject}.npz", subject=SUBJECTS),
         prediction_outputs(),
+        phantom_outputs(),

@@ -84,6 +84,34 @@ def test_tiny_end_to_end_run(workdir):
     assert (workdir / "results/figures/sampling_modes.pdf").read_bytes()[:4] == b"%PDF"
 
 
+def test_tiny_training_and_prediction(workdir):
+    """After the tiny run: one trained ablation and the test subject's parametric maps."""
+    log = pd.read_csv(workdir / "results/training/4.1/log.csv")
+    assert list(log.epoch) == [1, 2] and log.val_loss.notna().all()
+    assert (workdir / "results/training/4.1/best.pt").exists()
+    assert "device: cpu" in (workdir / "logs/train/4.1.log").read_text()
+    pet = nib.load(workdir / "results/preprocessed/sub-04/pet_2p5mm.nii.gz")
+    labels = np.asarray(nib.load(workdir / "results/preprocessed/sub-04/labels_2p5mm.nii.gz").dataobj)
+    out = workdir / "results/prediction/4.1/sub-04"
+    maps = {}
+    for name in ("K1", "k2", "k3", "Vb", "Ki"):
+        img = nib.load(out / f"sub-04_desc-{name}_kinpar.nii.gz")
+        assert img.shape == pet.shape[:3]
+        np.testing.assert_array_equal(img.affine, pet.affine)
+        maps[name] = np.asarray(img.dataobj)
+    body = labels > 0
+    assert np.isnan(maps["K1"][~body]).all() and np.isfinite(maps["K1"][body]).all()
+    # multi_clamp bounds hold, and Ki is K1 k3 / (k2 + k3) voxel by voxel.
+    assert np.nanmin(maps["K1"]) >= 0.01 - 1e-6 and np.nanmax(maps["K1"]) <= 2 + 1e-6
+    assert np.nanmin(maps["Vb"]) >= 0 and np.nanmax(maps["Vb"]) <= 1 + 1e-6
+    ki = maps["K1"] * maps["k3"] / (maps["k2"] + maps["k3"])
+    np.testing.assert_allclose(maps["Ki"][body], ki[body], rtol=1e-5)
+    metrics = pd.read_csv(out / "slice_metrics.tsv", sep="\t")
+    assert list(metrics.z) == list(range(pet.shape[2]))
+    fitted = metrics[metrics.pixels > 0]
+    assert len(fitted) > 0 and fitted.cs.between(-1, 1).all() and (fitted.mae >= 0).all()
+
+
 def test_tiny_preprocessing_outputs(workdir):
     """After the tiny run: the 2.5-mm volumes, the slices and their metadata."""
     pre = workdir / "results" / "preprocessed" / "sub-01"
@@ -164,3 +192,22 @@ def test_a_subject_in_two_roles_is_rejected(workdir):
     res = snakemake("-n", "--cores", "1", "--configfile", "twice.yaml", cwd=workdir)
     assert res.returncode != 0
     assert "a subject appears twice" in res.stderr + res.stdout
+
+
+def test_tiny_phantom_through_the_pipeline(workdir):
+    """The phantom's rules (the tiny config writes it beside the synthetic dataset)."""
+    targets = [
+        "results/phantom/dataset_description.json",
+        "results/phantom/sub-01/pet/sub-01_pet.nii.gz",
+        "results/phantom/sub-02/pet/sub-02_pet.nii.gz",
+        "results/figures/phantom_coronal.png",
+    ]
+    res = snakemake(*targets, "--cores", "2", "--configfile", "tests/config/tiny.yaml", cwd=workdir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    bids = workdir / "results/phantom"
+    assert (bids / "dataset_description.json").exists()
+    for sid in ("sub-01", "sub-02"):
+        assert (bids / sid / "pet" / f"{sid}_pet.nii.gz").stat().st_size > 100_000
+        assert (bids / "derivatives/truth" / sid / f"{sid}_desc-Ki_truth.nii.gz").exists()
+    png = workdir / "results/figures/phantom_coronal.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

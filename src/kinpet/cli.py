@@ -55,6 +55,26 @@ def cmd_model(args) -> None:
         sys.stdout.write(text)
 
 
+def cmd_simulate(args) -> None:
+    from kinpet import phantom
+    from kinpet.io import read_organ_values
+
+    subjects = int(args.subjects) if args.subjects.isdigit() else args.subjects.split(",")
+    organ_values = read_organ_values(args.organ_values) if args.organ_values else None
+    phantom.write_dataset(
+        args.out,
+        subjects,
+        seed=args.seed,
+        size=args.size,
+        organ_values=organ_values,
+        frames=_frames(args.frames),
+        voxel_mm=args.voxel,
+        fwhm_mm=args.fwhm,
+        noise_cov=args.noise_cov,
+        threads=args.threads,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kinpet",
@@ -105,6 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", help="write the TSV here instead of standard output")
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("simulate", help="simulate phantom subjects as a PET-BIDS dataset")
+    p.add_argument("--out", required=True, help="dataset root folder")
+    p.add_argument(
+        "--subjects", default="1", help="a number (sub-01 ... sub-NN) or ids, e.g. sub-01,sub-04"
+    )
+    p.add_argument("--size", choices=("tiny", "demo", "paper"), default="demo")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--frames", default="paper", help='"paper" (default) or a PET-BIDS _pet.json')
+    p.add_argument("--voxel", type=float, default=1.6, help="voxel size, mm")
+    p.add_argument("--fwhm", type=float, default=4.0, help="PSF FWHM, mm (0: none)")
+    p.add_argument(
+        "--noise-cov", type=float, default=0.10, help="liver CoV in the last frame (0: none)"
+    )
+    p.add_argument(
+        "--organ-values", help="TSV of organ means (organ, K1, k2, k3, Vb); default built in"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the model")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 

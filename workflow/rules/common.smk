@@ -23,8 +23,10 @@ if len(set(SUBJECTS)) != len(SUBJECTS):
         f"config data.split: a subject appears twice (train / validation / test must be disjoint): {SPLIT}"
     )
 
-# The phantom writes its subjects where `simulate` puts them; a user's dataset is anywhere.
-BIDS_ROOT = Path("results/bids" if DATA["source"] == "phantom" else DATA["bids_root"])
+# The phantom's subjects are read where `simulate` writes them; a user's dataset is anywhere.
+BIDS_ROOT = Path(
+    config["phantom"]["root"] if DATA["source"] == "phantom" else DATA["bids_root"]
+)
 
 
 wildcard_constraints:
@@ -89,3 +91,21 @@ def prediction_outputs():
         ablation=list(ABLATIONS),
         subject=SPLIT["test"],
     )
+def phantom_subject_ids(subjects):
+    """sub-01 ... sub-NN from a count, or the listed ids."""
+    if isinstance(subjects, int):
+        return [f"sub-{i:02d}" for i in range(1, subjects + 1)]
+    return [str(s) for s in subjects]
+
+
+
+
+def phantom_outputs():
+    """The phantom dataset and its figure, when the pipeline analyses the phantom."""
+    if DATA["source"] != "phantom":
+        return []
+    return [
+        f"{BIDS}/dataset_description.json",
+        *expand(f"{BIDS}/{{subject}}/pet/{{subject}}_pet.nii.gz", subject=PHANTOM_SUBJECTS),
+        "results/figures/phantom_coronal.png",
+    ]

@@ -1,0 +1,66 @@
+PHANTOM = config["phantom"]
+BIDS = PHANTOM["root"]
+PHANTOM_SUBJECTS = phantom_subject_ids(PHANTOM["subjects"])
+TRUTH_NAMES = ["K1", "k2", "k3", "Vb", "Ki"]
+
+
+rule phantom_dataset:
+    output:
+        raw=f"{BIDS}/dataset_description.json",
+        labels=f"{BIDS}/derivatives/labels/dataset_description.json",
+        truth=f"{BIDS}/derivatives/truth/dataset_description.json",
+    log:
+        "logs/phantom_dataset.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    script:
+        "../scripts/phantom_dataset.py"
+
+
+rule simulate:
+    input:
+        organs=config["organ_values"],
+    output:
+        pet=f"{BIDS}/{{subject}}/pet/{{subject}}_pet.nii.gz",
+        pet_json=f"{BIDS}/{{subject}}/pet/{{subject}}_pet.json",
+        blood=f"{BIDS}/{{subject}}/pet/{{subject}}_recording-idif_blood.tsv",
+        blood_json=f"{BIDS}/{{subject}}/pet/{{subject}}_recording-idif_blood.json",
+        dseg=f"{BIDS}/derivatives/labels/{{subject}}/{{subject}}_dseg.nii.gz",
+        dseg_tsv=f"{BIDS}/derivatives/labels/{{subject}}/{{subject}}_dseg.tsv",
+        truth=expand(
+            f"{BIDS}/derivatives/truth/{{{{subject}}}}/{{{{subject}}}}_desc-{{name}}_truth.nii.gz",
+            name=TRUTH_NAMES,
+        ),
+        organs=f"{BIDS}/derivatives/truth/{{subject}}/{{subject}}_organs.tsv",
+    log:
+        "logs/simulate/{subject}.log",
+    benchmark:
+        "results/benchmarks/simulate/{subject}.tsv"
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        phantom=PHANTOM,
+    script:
+        "../scripts/simulate.py"
+
+
+rule phantom_figure:
+    input:
+        pet=f"{BIDS}/{PHANTOM['figure_subject']}/pet/{PHANTOM['figure_subject']}_pet.nii.gz",
+        pet_json=f"{BIDS}/{PHANTOM['figure_subject']}/pet/{PHANTOM['figure_subject']}_pet.json",
+        dseg=f"{BIDS}/derivatives/labels/{PHANTOM['figure_subject']}/{PHANTOM['figure_subject']}_dseg.nii.gz",
+    output:
+        png=report(
+            "results/figures/phantom_coronal.png",
+            caption="../report/phantom_coronal.rst",
+            category="Phantom",
+        ),
+        pdf="results/figures/phantom_coronal.pdf",
+    log:
+        "logs/phantom_figure.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        subject=PHANTOM["figure_subject"],
+    script:
+        "../scripts/phantom_figure.py"

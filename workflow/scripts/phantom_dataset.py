@@ -1,0 +1,19 @@
+"""dataset_description.json of the phantom dataset and of its two derivatives."""
+
+import sys
+
+from kinpet import phantom
+from kinpet.io import write_json
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
+write_json(snakemake.output.raw, phantom.dataset_description())  # noqa: F821
+for key, what in (("labels", "organ label maps"), ("truth", "true kinetic parameter maps")):
+    write_json(
+        snakemake.output[key],  # noqa: F821
+        {
+            "Name": f"kinpet phantom: {what}",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "kinpet", "Description": "kinpet.phantom"}],
+        },
+    )

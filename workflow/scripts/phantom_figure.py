@@ -1,0 +1,56 @@
+"""Figure: one coronal slice of a phantom subject (last frame) with organ contours."""
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kinpet.phantom import LABELS, PAPER_ORGANS, coronal_slice_index  # noqa: E402
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
+pet = nib.load(snakemake.input.pet)  # noqa: F821
+labels = np.asarray(nib.load(snakemake.input.dseg).dataobj)  # noqa: F821  (x, y, z)
+meta = json.loads(open(snakemake.input.pet_json).read())  # noqa: F821
+voxel = float(pet.header.get_zooms()[0])
+y = coronal_slice_index(labels)
+# One pass through the gzip stream: only this coronal plane of every frame is kept.
+plane = np.asarray(pet.dataobj[:, y, :, :], dtype=np.float32)  # (x, z, t)
+lab = labels[:, y, :]
+mids_min = (np.array(meta["FrameTimesStart"]) + np.array(meta["FrameDuration"]) / 2) / 60
+print(f"coronal slice y = {y}, image {plane.shape}", file=sys.stderr)
+
+shown = ["lungs", "heart", "liver", "kidneys", "spleen", "aorta", "bones", "bladder", "tumour"]
+colours = dict(zip(shown, plt.get_cmap("tab10").colors, strict=False))
+fig, (ax, ax_tac) = plt.subplots(
+    1, 2, figsize=(10, 6), gridspec_kw={"width_ratios": [1.1, 1]}, layout="constrained"
+)
+late = plane[:, :, -1]
+extent = (0, late.shape[0] * voxel, 0, late.shape[1] * voxel)
+# x runs from the patient's right to left: plotted left to right, the radiological view.
+ax.imshow(
+    late.T, origin="lower", cmap="gray_r", extent=extent, vmax=np.percentile(late[lab > 0], 99.5)
+)
+index = {name: k for k, name in LABELS.items()}
+for name in shown:
+    mask = (lab == index[name]).T.astype(float)
+    if mask.any():
+        ax.contour(mask, levels=[0.5], colors=[colours[name]], linewidths=0.9, extent=extent)
+        tac = plane[lab == index[name]].mean(axis=0)
+        style = "-" if name in PAPER_ORGANS else "--"
+        ax_tac.plot(mids_min, tac, style, color=colours[name], label=name)
+subject = snakemake.params.subject  # noqa: F821
+ax.set_title(f"{subject} ({meta['PhantomSize']}), frame {len(mids_min)} ({mids_min[-1]:.0f} min)")
+ax.set_xlabel("patient right  ->  left (mm)")
+ax.set_ylabel("inferior  ->  superior (mm)")
+ax_tac.set_xscale("symlog", linthresh=2)
+ax_tac.set_yscale("log")
+ax_tac.set_xlabel("time (min)")
+ax_tac.set_ylabel("mean activity in the slice (kBq/ml)")
+ax_tac.legend(fontsize=8, ncol=2)
+fig.savefig(snakemake.output.png, dpi=90)  # noqa: F821
+fig.savefig(snakemake.output.pdf)  # noqa: F821
