@@ -91,7 +91,9 @@ def test_tiny_training_and_prediction(workdir):
     assert (workdir / "results/training/4.1/best.pt").exists()
     assert "device: cpu" in (workdir / "logs/train/4.1.log").read_text()
     pet = nib.load(workdir / "results/preprocessed/sub-04/pet_2p5mm.nii.gz")
-    labels = np.asarray(nib.load(workdir / "results/preprocessed/sub-04/labels_2p5mm.nii.gz").dataobj)
+    labels = np.asarray(
+        nib.load(workdir / "results/preprocessed/sub-04/labels_2p5mm.nii.gz").dataobj
+    )
     out = workdir / "results/prediction/4.1/sub-04"
     maps = {}
     for name in ("K1", "k2", "k3", "Vb", "Ki"):

@@ -488,6 +488,8 @@ def read_slices(path) -> dict:
         raise KinpetInputError(f"{path}: missing array(s) {', '.join(missing)}")
     out["subject"] = str(out["subject"])
     return out
+
+
 # -- deterministic NIfTI, JSON and TSV writers ------------------------------------------------
 # Every writer goes through a temporary name and renames at the end (never a half-written
 # output) and writes the same bytes for the same data: gzip streams get mtime 0 and no

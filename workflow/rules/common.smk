@@ -91,13 +91,13 @@ def prediction_outputs():
         ablation=list(ABLATIONS),
         subject=SPLIT["test"],
     )
+
+
 def phantom_subject_ids(subjects):
     """sub-01 ... sub-NN from a count, or the listed ids."""
     if isinstance(subjects, int):
         return [f"sub-{i:02d}" for i in range(1, subjects + 1)]
     return [str(s) for s in subjects]
-
-
 
 
 def phantom_outputs():
@@ -106,6 +106,8 @@ def phantom_outputs():
         return []
     return [
         f"{BIDS}/dataset_description.json",
-        *expand(f"{BIDS}/{{subject}}/pet/{{subject}}_pet.nii.gz", subject=PHANTOM_SUBJECTS),
+        *expand(
+            f"{BIDS}/{{subject}}/pet/{{subject}}_pet.nii.gz", subject=PHANTOM_SUBJECTS
+        ),
         "results/figures/phantom_coronal.png",
     ]
