@@ -105,9 +105,8 @@ def test_linear_step_equals_scipy_bounded_least_squares(idif):
     c2 = (y_w @ fitter.e_w.T)[:, 0]
     n = y.shape[0]
     sse, p = fitter._bounded_lsq(
-        c1, c2, c3, yy, fitter.ie.expand(n), fitter.ee.expand(n), fitter.ea.expand(n),
-        with_p=True, all_sets=True,
-    )  # fmt: skip
+        c1, c2, c3, yy, fitter.ie.expand(n), fitter.ee.expand(n), fitter.ea.expand(n)
+    )
     x = torch.stack([fitter.i_w, fitter.e_w[0], fitter.a_w], dim=1).numpy()
     for k in range(n):
         ref = lsq_linear(x, y_w[k].numpy(), bounds=([0, 0, lo[3]], [np.inf, np.inf, hi[3]]),

@@ -66,6 +66,7 @@ STATUS_NAMES = ("ok", "non-finite values", "all zero", "too few positive frames"
 # the same SSE as 200 on benchmarks/fitting.py at half the grid's cost.
 DEFAULT_BETA_GRID = (0.02, 4.0, 100)
 DEFAULT_CHUNK = 65536  # curves per chunk of the fast fitter: ~0.3 GB working memory
+_SCREEN_BLOCK = 65536
 _GRID_BLOCK = 512  # curves per block of the grid step: its [block, beta] arrays stay in cache
 _LM_BLOCK = 4096  # curves per block of the Levenberg-Marquardt polish
 # Four steps bring 99.7 % of noisy benchmark curves within 1e-5 of curve_fit's SSE; the
@@ -183,11 +184,15 @@ def check_bounds(bounds=None) -> tuple[np.ndarray, np.ndarray]:
 def screen_curves(tacs: np.ndarray) -> np.ndarray:
     """Status codes of curves that cannot be fitted (0 for those that can)."""
     status = np.zeros(tacs.shape[0], dtype=np.int8)
-    finite = np.isfinite(tacs).all(axis=1)
-    positive = (np.where(finite[:, None], tacs, 0) > 0).sum(axis=1)
-    status[positive < MIN_POSITIVE_FRAMES] = STATUS_TOO_FEW_POSITIVE
-    status[positive == 0] = STATUS_ALL_ZERO
-    status[~finite] = STATUS_NONFINITE
+    # In blocks: temporaries of a whole-body array would cost gigabytes.
+    for start in range(0, tacs.shape[0], _SCREEN_BLOCK):
+        block = tacs[start : start + _SCREEN_BLOCK]
+        finite = np.isfinite(block).all(axis=1)
+        positive = (block > 0).sum(axis=1)  # NaN > 0 is False
+        part = status[start : start + _SCREEN_BLOCK]
+        part[positive < MIN_POSITIVE_FRAMES] = STATUS_TOO_FEW_POSITIVE
+        part[positive == 0] = STATUS_ALL_ZERO
+        part[~finite] = STATUS_NONFINITE
     return status
 
 
@@ -444,8 +449,6 @@ class FastFitter:
             self.ie[best],
             self.ee[best],
             self.ea[best],
-            with_p=True,
-            all_sets=True,
         )
         return self._to_params(p, self.betas[best])
 
@@ -508,21 +511,21 @@ class FastFitter:
         }
 
     # -- the bounded linear step -----------------------------------------------------------------
-    def _bounded_lsq(self, c1, c2, c3, yy, ie, ee, ea, with_p, all_sets=False):
+    def _bounded_lsq(self, c1, c2, c3, yy, ie, ee, ea):
         """min ||y - p1 I - p2 E - p3 A||^2 with p1, p2 >= 0 and vb_lo <= p3 <= vb_hi.
 
         Exact by enumeration of active sets: the problem is convex, so its solution is the
         unconstrained minimum on one face of the box, and it is the feasible face minimum
         with the smallest SSE. Inputs are the projections c = X^T y (broadcastable shapes);
         SSE is written as yy - p . c, valid at each face's own minimum.
-        Without ``all_sets`` only the faces with p2 free are tried (those depend on beta).
+        Returns the SSE and the solution (p1, p2, p3).
         """
         ii, aa, ia = self.ii, self.aa, self.ia
         inf = torch.tensor(math.inf, dtype=c2.dtype, device=c2.device)
         best = torch.full(
             torch.broadcast_shapes(c1.shape, c2.shape), math.inf, dtype=c2.dtype, device=c2.device
         )
-        best_p = [torch.zeros_like(best) for _ in range(3)] if with_p else None
+        best_p = [torch.zeros_like(best) for _ in range(3)]
         zero = torch.zeros_like(best)
 
         def keep(sse, feasible, p1, p2, p3):
@@ -530,15 +533,10 @@ class FastFitter:
             sse = torch.where(feasible, sse, inf)
             better = sse < best
             best = torch.where(better, sse, best)
-            if with_p:
-                for k, v in enumerate((p1, p2, p3)):
-                    best_p[k] = torch.where(better, v, best_p[k])
+            for k, v in enumerate((p1, p2, p3)):
+                best_p[k] = torch.where(better, v, best_p[k])
 
-        # The scan over beta leaves out the faces with Vb at its upper bound (a curve of pure
-        # blood); at the chosen beta every face is tried.
-        vb_values = [self.vb_lo]
-        if all_sets and self.vb_hi > self.vb_lo:
-            vb_values.append(self.vb_hi)
+        vb_values = [self.vb_lo] if self.vb_hi == self.vb_lo else [self.vb_lo, self.vb_hi]
         for v in vb_values:
             # p3 fixed at a bound: fit y - v A.
             c1v, c2v = c1 - v * ia, c2 - v * ea
@@ -552,10 +550,10 @@ class FastFitter:
             p1 = (ee * c1v - ie * c2v) / det
             p2 = (ii * c2v - ie * c1v) / det
             keep(yyv - p1 * c1v - p2 * c2v, (p1 >= 0) & (p2 >= 0), p1, p2, p3)
-            if all_sets:
-                keep(yyv + zero, torch.ones_like(best, dtype=torch.bool), zero, zero, p3)
-                p1 = c1v / ii
-                keep(yyv - p1 * c1v, p1 >= 0, p1, zero, p3)
+            # p2 = 0: nothing, or p1 alone
+            keep(yyv + zero, torch.ones_like(best, dtype=torch.bool), zero, zero, p3)
+            p1 = c1v / ii
+            keep(yyv - p1 * c1v, p1 >= 0, p1, zero, p3)
         # p3 free, p1 = 0: p2 and p3
         det = ee * aa - ea * ea
         p2 = (aa * c2 - ea * c3) / det
@@ -582,20 +580,19 @@ class FastFitter:
             p2,
             p3,
         )
-        if all_sets:
-            # p2 = 0, p3 free: p3 alone, and p1 with p3.
-            p3 = c3 / aa
-            keep(yy - p3 * c3, (p3 >= self.vb_lo) & (p3 <= self.vb_hi), zero, zero, p3)
-            det = ii * aa - ia * ia
-            p1 = (aa * c1 - ia * c3) / det
-            p3 = (ii * c3 - ia * c1) / det
-            keep(
-                yy - p1 * c1 - p3 * c3,
-                (p1 >= 0) & (p3 >= self.vb_lo) & (p3 <= self.vb_hi),
-                p1,
-                zero,
-                p3,
-            )
+        # p2 = 0, p3 free: p3 alone, and p1 with p3.
+        p3 = c3 / aa
+        keep(yy - p3 * c3, (p3 >= self.vb_lo) & (p3 <= self.vb_hi), zero, zero, p3)
+        det = ii * aa - ia * ia
+        p1 = (aa * c1 - ia * c3) / det
+        p3 = (ii * c3 - ia * c1) / det
+        keep(
+            yy - p1 * c1 - p3 * c3,
+            (p1 >= 0) & (p3 >= self.vb_lo) & (p3 <= self.vb_hi),
+            p1,
+            zero,
+            p3,
+        )
         return best, best_p
 
     def _to_params(self, p, beta):
