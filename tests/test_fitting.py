@@ -321,6 +321,9 @@ def test_fit_tacs_errors_name_the_file(real_tacs_path, tmp_path, capsys):
     table.to_csv(bad, sep="\t", index=False)
     code, _, err = run_cli(["fit-tacs", "--tsv", str(bad), "-o", str(out)], capsys)
     assert code == 2 and "row 4" in err and "not a number" in err
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(real_tacs_path), "-o", str(out),
+                            "--plot", str(tmp_path / "no" / "fig.png")], capsys)  # fmt: skip
+    assert code == 2 and "fig.png: its folder does not exist" in err
     assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
 
 

@@ -56,11 +56,16 @@ def cmd_model(args) -> None:
 
 
 def cmd_fit_tacs(args) -> None:
+    from pathlib import Path
+
     import pandas as pd
 
     from kinpet.fitting import fit
     from kinpet.io import KinpetInputError, read_region_curves, write_table_atomic
 
+    for out in (args.output, args.plot):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise KinpetInputError(f"{out}: its folder does not exist")
     tissue_cols = [c.strip() for c in args.tissue_cols.split(",")] if args.tissue_cols else None
     frames = None
     if args.pet_json or args.blood_tsv:
@@ -95,8 +100,6 @@ def cmd_fit_tacs(args) -> None:
     else:
         sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
     if figure is not None:
-        from pathlib import Path
-
         plot = Path(args.plot)
         tmp = plot.with_name(f".tmp.{plot.name}")
         try:

@@ -624,7 +624,8 @@ class FastFitter:
             db = self.betas * _FD_REL_STEP
             self._de_grid = (self._exact_e(self.betas + db) - self.e_w) / db[:, None]
             self._log_betas = torch.log(self.betas)
-        lb = torch.log(beta).clamp(self._log_betas[0], self._log_betas[-1])
+            self._log_range = (float(self._log_betas[0]), float(self._log_betas[-1]))
+        lb = torch.log(beta).clamp(self._log_range[0], self._log_range[1])
         hi = torch.searchsorted(self._log_betas, lb).clamp(1, self.betas.numel() - 1)
         t = (lb - self._log_betas[hi - 1]) / (self._log_betas[hi] - self._log_betas[hi - 1])
         lo_rows, hi_rows = self._de_grid[hi - 1], self._de_grid[hi]
