@@ -75,6 +75,87 @@ def cmd_simulate(args) -> None:
     )
 
 
+def cmd_fit_tacs(args) -> None:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from kinpet.fitting import fit
+    from kinpet.io import KinpetInputError, read_region_curves, write_table_atomic
+
+    for out in (args.output, args.plot):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise KinpetInputError(f"{out}: its folder does not exist")
+    tissue_cols = [c.strip() for c in args.tissue_cols.split(",")] if args.tissue_cols else None
+    frames = None
+    if args.pet_json or args.blood_tsv:
+        if not (args.pet_json and args.blood_tsv):
+            raise KinpetInputError("a PET-BIDS pair needs both --pet-json and --blood-tsv")
+        from kinpet.frames import FrameSchedule
+        from kinpet.inputfunction import InputFunction
+
+        frames = FrameSchedule.from_bids_json(args.pet_json)
+    frames, inp, names, curves = read_region_curves(
+        args.tsv,
+        tissue_cols=tissue_cols,
+        time_col=args.time_col,
+        duration_col=args.duration_col,
+        input_col=None if args.blood_tsv else args.input_col,
+        units=args.units,
+        time_units=args.time_units,
+        frames=frames,
+    )
+    if args.blood_tsv:
+        inp = InputFunction.from_blood_tsv(
+            args.blood_tsv, column=args.blood_column, units=args.blood_units
+        )
+    result = fit(
+        curves, inp, frames, method=args.method, weights=args.weights, sampling=args.sampling
+    )
+    table = pd.DataFrame({"region": names, **result.as_dict()})
+    # Render everything first, then write: a failure leaves no half-written output.
+    figure = _fit_figure(frames, inp, names, curves, result) if args.plot else None
+    if args.output:
+        write_table_atomic(args.output, table)
+    else:
+        sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
+    if figure is not None:
+        plot = Path(args.plot)
+        tmp = plot.with_name(f".tmp.{plot.name}")
+        try:
+            figure.savefig(tmp, dpi=120, format=plot.suffix.lstrip(".") or "png")
+            tmp.replace(plot)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _fit_figure(frames, inp, names, curves, result):
+    """Measured (points) and fitted (line) curves, one panel per region."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kinpet.kinetics import irreversible_2tc
+
+    n = len(names)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    t = frames.mids_min
+    for ax, name, y, p, ok in zip(axes[0], names, curves, result.params, result.ok, strict=True):
+        ax.plot(t, y, "o", ms=4, label="measured")
+        if ok:
+            fitted = irreversible_2tc(p, inp, frames, sampling=result.sampling)
+            ax.plot(t, fitted, "-", label="fitted")
+            ax.set_title(f"{name}\nK1={p[0]:.3g} k2={p[1]:.3g} k3={p[2]:.3g} Vb={p[3]:.2g}")
+        else:
+            ax.set_title(f"{name}: not fitted")
+        ax.set_xlabel("time after injection (min)")
+        ax.set_ylabel("activity (kBq/ml)")
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kinpet",
@@ -144,6 +225,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads for the model")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "fit-tacs",
+        help="fit region curves from a table and write K1, k2, k3, Vb, Ki, SSE per region",
+        description=(
+            "Fit the irreversible two-tissue model to region time-activity curves. The table "
+            "has one row per frame: frame start, frame duration, an image-derived input "
+            "(used at frame mid-times) and one or more tissue columns. Or give a PET-BIDS "
+            "pair (--pet-json, --blood-tsv) and a table of tissue columns. Activities are "
+            "converted to kBq/ml; SSE is in (kBq/ml)^2, weighted."
+        ),
+    )
+    p.add_argument("--tsv", required=True, help="table of curves (.tsv, or .csv)")
+    p.add_argument("--time-col", default="frame_start_s", help="frame start column")
+    p.add_argument("--duration-col", default="frame_duration_s", help="frame duration column")
+    p.add_argument("--time-units", choices=("s", "min"), default="s", help="units of both")
+    p.add_argument(
+        "--input-col",
+        default="auto",
+        help="input column (default: the one column named like aorta/input/blood/aif/idif)",
+    )
+    p.add_argument("--tissue-cols", help="comma-separated tissue columns (default: the others)")
+    p.add_argument(
+        "--units",
+        help="units of the activity columns, e.g. Bq/ml (default: from names like *_bq_per_ml)",
+    )
+    p.add_argument("--pet-json", help="PET-BIDS _pet.json: frames (with --blood-tsv)")
+    p.add_argument("--blood-tsv", help="PET-BIDS _blood.tsv: the input (with --pet-json)")
+    p.add_argument("--blood-column", default="whole_blood", help="whole_blood (default) or plasma")
+    p.add_argument("--blood-units", help="units of the blood column if its sidecar lacks them")
+    p.add_argument("--method", choices=("fast", "curve_fit"), default="fast")
+    p.add_argument(
+        "--weights",
+        choices=("none", "duration", "duration_decay"),
+        default="none",
+        help="frame weights: none (paper), duration, duration x F-18 decay at mid-frame",
+    )
+    p.add_argument("--sampling", choices=("average", "mid", "paper"), default="average")
+    p.add_argument("-o", "--output", help="write the table here (.tsv or .csv), else stdout")
+    p.add_argument("--plot", help="write a figure of measured vs fitted curves (.png, .pdf)")
+    p.set_defaults(func=cmd_fit_tacs)
     return parser
 
 

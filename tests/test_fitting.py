@@ -1,0 +1,339 @@
+"""Fitting (kinpet.fitting) and the fit-tacs command, against independent references:
+known parameters of noise-free curves, scipy's bounded linear least squares, scipy's
+curve_fit, and the weighted SSE recomputed by hand."""
+
+import json
+import math
+from io import StringIO
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.optimize import lsq_linear
+
+from kinpet.cli import main
+from kinpet.fitting import (
+    STATUS_ALL_ZERO,
+    STATUS_NONFINITE,
+    STATUS_OK,
+    STATUS_TOO_FEW_POSITIVE,
+    FastFitter,
+    check_bounds,
+    fit,
+    frame_weights,
+)
+from kinpet.frames import FrameSchedule
+from kinpet.inputfunction import InputFunction
+from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, KineticModel, irreversible_2tc
+
+FRAMES = FrameSchedule.paper()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread: on a shared, oversubscribed 2-core machine, OpenMP threads that
+    wait for each other make the many small tensor operations here ~10x slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def idif():
+    """An image-derived input: Feng's blood curve averaged per frame, at frame mid-times."""
+    feng = InputFunction.feng(peak_kbq_per_ml=250.0, delay_s=10.0)
+    blood = irreversible_2tc(np.array([0.0, 0.1, 0.1, 1.0]), feng, FRAMES)
+    return InputFunction(FRAMES.mids_s, blood, source="idif")
+
+
+def interior_params(n, seed):
+    """Parameters well inside the paper's bounds, covering organs from brain to spleen."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform([0.05, 0.05, 0.02, 0.0], [1.5, 2.5, 0.5, 0.4], size=(n, 4))
+
+
+def noisy(curves, level, seed):
+    """The reference noise model: Var = level^2 * C / duration (min), decay left out."""
+    rng = np.random.default_rng(seed)
+    sd = level * np.sqrt(np.abs(curves) / FRAMES.durations_min)
+    return curves + rng.normal(size=curves.shape) * sd
+
+
+# -- noise-free curves give back their parameters ---------------------------------------------
+
+
+@pytest.mark.parametrize("sampling", ["average", "mid", "paper"])
+def test_fast_recovers_noise_free_parameters(idif, sampling):
+    truth = interior_params(150, seed=1)
+    truth[0] = [0.1, 0.15, 0.06, 0.04]  # grey matter
+    truth[1] = [1.5, 2.7, 0.03, 0.04]  # spleen-like, k2 near its bound
+    y = irreversible_2tc(truth, idif, FRAMES, sampling=sampling)
+    res = fit(y, idif, FRAMES, method="fast", sampling=sampling, device="cpu")
+    assert res.ok.all()
+    # Exact data and an exact model: only float64 round-off and the LM stopping rule
+    # (relative SSE change 1e-10) are left, so 1e-6 relative is a tight but safe bar.
+    np.testing.assert_allclose(res.params, truth, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(res.ki, truth[:, 0] * truth[:, 2] / truth[:, 1:3].sum(1), rtol=1e-6)
+    assert (res.sse <= 1e-12 * (y**2).sum(1)).all()
+
+
+def test_curve_fit_recovers_noise_free_parameters(idif):
+    truth = np.array([[0.1, 0.15, 0.06, 0.04], [0.65, 0.68, 0.02, 0.01], [0.3, 1.2, 0.1, 0.1]])
+    y = irreversible_2tc(truth, idif, FRAMES)
+    res = fit(y, idif, FRAMES, method="curve_fit")
+    assert res.ok.all()
+    # curve_fit stops at its default tolerances (ftol = xtol = 1e-8) with forward
+    # differences of relative step 1e-3 (the paper's diff_step): ~1e-4 relative.
+    np.testing.assert_allclose(res.params, truth, rtol=1e-3, atol=1e-4)
+
+
+# -- the linear step is the exact bounded least-squares solution -----------------------------
+
+
+def test_linear_step_equals_scipy_bounded_least_squares(idif):
+    lo, hi = check_bounds()
+    w = frame_weights(FRAMES, "duration")
+    fitter = FastFitter(KineticModel(idif, FRAMES), w, lo, hi, beta_grid=[0.3], device="cpu")
+    truth = interior_params(40, seed=2)
+    truth[:10, 3] = 0.0  # Vb at its bound: faces with p3 = 0
+    truth[10:20, 2] = 0.01  # small k3: p1 near 0
+    y = noisy(irreversible_2tc(truth, idif, FRAMES), 0.5, seed=3)
+    y_w = torch.from_numpy(y) * fitter.sqrt_w
+    c1, c3, yy = y_w @ fitter.i_w, y_w @ fitter.a_w, (y_w * y_w).sum(1)
+    c2 = (y_w @ fitter.e_w.T)[:, 0]
+    n = y.shape[0]
+    sse, p = fitter._bounded_lsq(
+        c1, c2, c3, yy, fitter.ie.expand(n), fitter.ee.expand(n), fitter.ea.expand(n)
+    )
+    x = torch.stack([fitter.i_w, fitter.e_w[0], fitter.a_w], dim=1).numpy()
+    for k in range(n):
+        ref = lsq_linear(x, y_w[k].numpy(), bounds=([0, 0, lo[3]], [np.inf, np.inf, hi[3]]),
+                         tol=1e-14, lsmr_tol="auto", max_iter=1000, method="bvls")  # fmt: skip
+        ref_sse = float(np.sum((y_w[k].numpy() - x @ ref.x) ** 2))
+        assert sse[k].item() == pytest.approx(ref_sse, rel=1e-7)
+        np.testing.assert_allclose([v[k].item() for v in p], ref.x, rtol=1e-5, atol=1e-9)
+
+
+# -- bounds -------------------------------------------------------------------------------------
+
+
+def test_bounds_hold_for_both_methods(idif):
+    # Truth outside the bounds (liver's k3 = 0.0035, a large Vb) and heavy noise.
+    truth = np.array([[0.65, 0.68, 0.0035, 0.01], [0.2, 0.5, 0.05, 0.9], [2.5, 3.5, 0.2, 0.05]])
+    y = noisy(irreversible_2tc(truth, idif, FRAMES), 1.0, seed=4)
+    for method in ("fast", "curve_fit"):
+        res = fit(y, idif, FRAMES, method=method)
+        assert res.ok.all()
+        assert (res.params >= np.array(PAPER_LOWER)).all()
+        assert (res.params <= np.array(PAPER_UPPER)).all()
+    bounds = ([0.05, 0.1, 0.02, 0.0], [1.0, 1.0, 0.2, 0.05])
+    many = noisy(irreversible_2tc(interior_params(200, seed=5), idif, FRAMES), 1.0, seed=6)
+    res = fit(many, idif, FRAMES, bounds=bounds)
+    assert res.ok.all()
+    assert (res.params >= np.array(bounds[0])).all() and (res.params <= np.array(bounds[1])).all()
+    assert np.isclose(res.params, np.array(bounds[1])).any(axis=0)[[0, 1, 3]].all()
+
+
+def test_bad_bounds_are_refused():
+    with pytest.raises(ValueError, match="lower <= upper"):
+        check_bounds(([0.1, 0.1, 0.1, 0], [0.05, 1, 1, 1]))
+    with pytest.raises(ValueError, match="k2 \\+ k3"):
+        check_bounds(([0.1, 0, 0, 0], [1, 1, 1, 1]))
+
+
+# -- fast and curve_fit agree ----------------------------------------------------------------
+
+
+def test_fast_and_curve_fit_agree_on_easy_curves(idif):
+    truth = np.array([[0.1, 0.15, 0.06, 0.04], [0.6, 1.2, 0.1, 0.05],
+                      [0.24, 0.78, 0.1, 0.05], [0.8, 0.7, 0.05, 0.08]])  # fmt: skip
+    y = noisy(irreversible_2tc(truth, idif, FRAMES), 0.1, seed=7)
+    fast = fit(y, idif, FRAMES, method="fast", weights="duration")
+    ref = fit(y, idif, FRAMES, method="curve_fit", weights="duration")
+    assert fast.ok.all() and ref.ok.all()
+    # Both reach the same minimum: the SSE agrees to curve_fit's own tolerance and the
+    # parameters to about 1e-3 (flat directions of the SSE are loosely pinned by ftol).
+    np.testing.assert_allclose(fast.sse, ref.sse, rtol=1e-5)
+    np.testing.assert_allclose(fast.params, ref.params, rtol=2e-3, atol=2e-4)
+
+
+# -- bad curves ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fast", "curve_fit"])
+def test_bad_curves_are_flagged_not_fatal(idif, method):
+    good = irreversible_2tc(np.array([0.1, 0.15, 0.06, 0.04]), idif, FRAMES)
+    y = np.tile(good, (5, 1))
+    y[1] = 0.0
+    y[2, 10] = np.nan
+    y[3] = 0.0
+    y[3, [40, 50]] = 1.0  # two positive frames only
+    y[4, 5] = np.inf
+    res = fit(y, idif, FRAMES, method=method)
+    assert res.status.tolist() == [
+        STATUS_OK, STATUS_ALL_ZERO, STATUS_NONFINITE, STATUS_TOO_FEW_POSITIVE, STATUS_NONFINITE
+    ]  # fmt: skip
+    assert res.ok.tolist() == [True, False, False, False, False]
+    assert np.isnan(res.params[1:]).all() and np.isnan(res.sse[1:]).all()
+    np.testing.assert_allclose(res.params[0], [0.1, 0.15, 0.06, 0.04], rtol=1e-3)
+    assert res.reasons()[3] == "too few positive frames"
+
+
+def test_wrong_shapes_and_options_raise(idif):
+    with pytest.raises(ValueError, match="shape"):
+        fit(np.ones((3, 10)), idif, FRAMES)
+    with pytest.raises(ValueError, match="method"):
+        fit(np.ones((1, 62)), idif, FRAMES, method="nelder")
+    with pytest.raises(ValueError, match="weights"):
+        fit(np.ones((1, 62)), idif, FRAMES, weights="counts")
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+def test_frame_weights_follow_their_definitions():
+    half_life_min = 109.771
+    dur = FRAMES.durations_s / 60.0
+    decay = dur * 0.5 ** ((FRAMES.starts_s + FRAMES.durations_s / 2) / 60.0 / half_life_min)
+    np.testing.assert_allclose(frame_weights(FRAMES, "duration"), dur / dur.mean(), rtol=1e-12)
+    np.testing.assert_allclose(
+        frame_weights(FRAMES, "duration_decay"), decay / decay.mean(), rtol=1e-12
+    )
+    assert (frame_weights(FRAMES, "none") == 1).all()
+
+
+def test_weights_change_the_fit_as_expected(idif):
+    truth = np.array([0.6, 1.2, 0.1, 0.05])
+    clean = irreversible_2tc(truth, idif, FRAMES)
+
+    def errors(frame):
+        y = clean.copy()
+        y[frame] *= 1.3
+        fits = [fit(y, idif, FRAMES, weights=w) for w in ("none", "duration")]
+        return y, fits, [np.abs(f.params[0] - truth).max() / truth.max() for f in fits]
+
+    # An error in a short (2-s) frame counts less when weighted by frame duration ...
+    _, _, (err_plain, err_dur) = errors(20)
+    assert err_dur < 0.7 * err_plain
+    # ... and an error in a long (300-s) frame counts more.
+    y, (_, dur), (err_plain, err_dur) = errors(61)
+    assert err_dur > 2 * err_plain
+    # The reported SSE is sum w (y - model)^2 with the weights scaled to mean 1.
+    w = frame_weights(FRAMES, "duration")
+    model = irreversible_2tc(dur.params[0], idif, FRAMES)
+    assert dur.sse[0] == pytest.approx(np.sum(w * (y - model) ** 2), rel=1e-10)
+    # curve_fit with sigma = 1/sqrt(w) finds the same weighted minimum.
+    ref = fit(y, idif, FRAMES, method="curve_fit", weights="duration")
+    np.testing.assert_allclose(ref.params, dur.params, rtol=2e-3, atol=2e-4)
+
+
+# -- determinism and chunking -------------------------------------------------------------------
+
+
+def test_chunking_does_not_change_results(idif):
+    y = noisy(irreversible_2tc(interior_params(300, seed=8), idif, FRAMES), 0.5, seed=9)
+    one = fit(y, idif, FRAMES)
+    many = fit(y.astype(np.float32), idif, FRAMES, chunk_size=100)
+    again = fit(y.astype(np.float32), idif, FRAMES, chunk_size=100)
+    np.testing.assert_array_equal(many.params, again.params)
+    # float32 input rounds the data (~6e-8), so results agree to that order, not bitwise.
+    np.testing.assert_allclose(one.params, many.params, rtol=1e-4, atol=1e-6)
+
+
+# -- the fit-tacs command -----------------------------------------------------------------------
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_fit_tacs_on_real_curves(real_tacs_path, tmp_path, capsys):
+    out = tmp_path / "fit.tsv"
+    plot = tmp_path / "fit.png"
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(real_tacs_path), "-o", str(out),
+                            "--plot", str(plot)], capsys)  # fmt: skip
+    assert code == 0, err
+    table = pd.read_csv(out, sep="\t").set_index("region")
+    assert list(table.columns) == ["K1", "k2", "k3", "Vb", "Ki", "SSE", "ok", "status"]
+    gm = table.loc["grey_matter_bq_per_ml"]
+    # Physiological grey matter (Huang 1980 and reference/fdg_values.md): K1 ~0.1,
+    # Ki 0.03-0.05 ml/cm3/min.
+    assert 0.07 <= gm.K1 <= 0.16 and 0.03 <= gm.Ki <= 0.05 and gm.ok
+    assert table.ok.all()
+    assert plot.stat().st_size > 10_000
+    # CSV by extension, and the paper's reference method gives the same grey matter fit.
+    csv = tmp_path / "fit.csv"
+    args = ["fit-tacs", "--tsv", str(real_tacs_path), "--method", "curve_fit",
+            "--tissue-cols", "grey_matter_bq_per_ml", "-o", str(csv)]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    ref = pd.read_csv(csv).set_index("region").loc["grey_matter_bq_per_ml"]
+    assert ref.K1 == pytest.approx(gm.K1, rel=1e-3) and ref.Ki == pytest.approx(gm.Ki, rel=1e-3)
+
+
+def test_fit_tacs_from_a_pet_bids_pair(real_tacs_path, tmp_path, capsys):
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    frames = FrameSchedule(table.frame_start_s, table.frame_duration_s)
+    pet_json = tmp_path / "sub-01_pet.json"
+    pet_json.write_text(json.dumps(frames.to_bids()))
+    blood = tmp_path / "sub-01_recording-idif_blood.tsv"
+    pd.DataFrame(
+        {"time": frames.mids_s, "whole_blood_radioactivity": table.aorta_bq_per_ml / 1000.0}
+    ).to_csv(blood, sep="\t", index=False)
+    blood.with_suffix(".json").write_text(
+        json.dumps({"whole_blood_radioactivity": {"Units": "kBq/mL"}, "time": {"Units": "s"}})
+    )
+    tissue = tmp_path / "tissue.tsv"
+    table[["grey_matter_bq_per_ml"]].rename(columns={"grey_matter_bq_per_ml": "gm"}).to_csv(
+        tissue, sep="\t", index=False
+    )
+    code, out, err = run_cli(["fit-tacs", "--pet-json", str(pet_json), "--blood-tsv", str(blood),
+                              "--tsv", str(tissue), "--units", "Bq/ml"], capsys)  # fmt: skip
+    assert code == 0, err
+    bids = pd.read_csv(StringIO(out), sep="\t").set_index("region").loc["gm"]
+    code, out, err = run_cli(["fit-tacs", "--tsv", str(real_tacs_path),
+                              "--tissue-cols", "grey_matter_bq_per_ml"], capsys)  # fmt: skip
+    direct = pd.read_csv(StringIO(out), sep="\t").iloc[0]
+    # The same input and frames by two routes: the same fit.
+    for name in ("K1", "k2", "k3", "Vb", "Ki"):
+        assert bids[name] == pytest.approx(direct[name], rel=1e-5)
+
+
+def test_fit_tacs_errors_name_the_file(real_tacs_path, tmp_path, capsys):
+    out = tmp_path / "never.tsv"
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(tmp_path / "missing.tsv"), "-o", str(out)],
+                           capsys)  # fmt: skip
+    assert code == 2 and "missing.tsv" in err and "not found" in err and "Traceback" not in err
+    bad = tmp_path / "bad.tsv"
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    table.rename(columns={"liver_bq_per_ml": "liver"}).to_csv(bad, sep="\t", index=False)
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(bad), "-o", str(out)], capsys)
+    assert code == 2 and "bad.tsv" in err and "'liver'" in err and "--units" in err
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(bad), "--input-col", "nope", "-o", str(out)],
+                           capsys)  # fmt: skip
+    assert code == 2 and "no column 'nope'" in err
+    table = table.astype({"grey_matter_bq_per_ml": object})
+    table.loc[3, "grey_matter_bq_per_ml"] = "abc"
+    table.to_csv(bad, sep="\t", index=False)
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(bad), "-o", str(out)], capsys)
+    assert code == 2 and "row 4" in err and "not a number" in err
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(real_tacs_path), "-o", str(out),
+                            "--plot", str(tmp_path / "no" / "fig.png")], capsys)  # fmt: skip
+    assert code == 2 and "fig.png: its folder does not exist" in err
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_fit_tacs_flags_an_empty_region(real_tacs_path, tmp_path, capsys):
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    table["empty_bq_per_ml"] = 0.0
+    path = tmp_path / "with_empty.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    code, out, err = run_cli(["fit-tacs", "--tsv", str(path)], capsys)
+    assert code == 0, err
+    res = pd.read_csv(StringIO(out), sep="\t").set_index("region")
+    assert not res.loc["empty_bq_per_ml"].ok and res.loc["empty_bq_per_ml"].status == "all zero"
+    assert math.isnan(res.loc["empty_bq_per_ml"].K1) and res.loc["grey_matter_bq_per_ml"].ok
