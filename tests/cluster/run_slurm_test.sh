@@ -23,6 +23,8 @@ HERE="$ROOT/tests/cluster"
 BIN="${KINPET_BIN:-$ROOT/.venv/bin}"
 CONFIG=tests/config/tiny.yaml
 export PATH="$BIN:$PATH" # jobs run the same snakemake/python as this script
+# Reproducible-build time stamp: matplotlib then writes the same PDF bytes in both runs.
+export SOURCE_DATE_EPOCH=0
 
 banner() { printf '\n==== %s ====\n' "$*"; }
 fail() {
@@ -159,6 +161,7 @@ BAD=$(cd "$CLUSTER" && python3 -c \
 cp -p "$CLUSTER/$BAD" "$TMP/good_input"
 printf 'garbage\x01 not a table\n' >"$CLUSTER/$BAD"
 # Newer than the outputs: snakemake reruns the jobs that read it.
+t=$(now)
 if run_snakemake "$CLUSTER" "$TMP/cluster2.log" "${SLURM_ARGS[@]}" --show-failed-logs; then
     fail "the run with a corrupted input succeeded"
 fi
@@ -169,17 +172,19 @@ grep -q 'KinpetInputError\|Error in rule' "$TMP/cluster2.log" ||
 grep -q 'garbage\|missing column' "$TMP/cluster2.log" ||
     fail "the failed job's log was not shown (--show-failed-logs)"
 FAILED=$(slurm_jobs_of_run "$TMP/cluster2.log" | awk '$2 == "FAILED"' | wc -l)
-echo "the run failed as expected; FAILED jobs in sacct: $FAILED"
+echo "the run failed as expected after $(seconds "$t" "$(now)") s; FAILED jobs in sacct: $FAILED"
 ((FAILED >= 1)) || fail "sacct shows no FAILED job"
 
 banner "fix the input and resume"
 cp -p "$TMP/good_input" "$CLUSTER/$BAD" # original content and time stamp
+t=$(now)
 run_snakemake "$CLUSTER" "$TMP/cluster3.log" "${SLURM_ARGS[@]}" || {
     tail -60 "$TMP/cluster3.log"
     fail "the resumed run failed"
 }
 N3=$(slurm_jobs_of_run "$TMP/cluster3.log" | grep -c . || true)
-echo "resumed run: $N3 jobs through SLURM (first run: $N1); the others were not redone"
+echo "resumed run: $N3 jobs through SLURM in $(seconds "$t" "$(now)") s (first run: $N1);" \
+    "the others were not redone"
 ((N3 >= 1 && N3 < N1)) || fail "the resumed run should redo some jobs, not all ($N3 of $N1)"
 python3 "$HERE/compare_results.py" "$LOCAL/results" "$CLUSTER/results" >/dev/null ||
     fail "results after resuming differ from the local run"
