@@ -95,7 +95,7 @@ slurm_jobs_of_run() { # slurm_jobs_of_run LOG
 }
 
 # Jobs that snakemake sent to SLURM, from its log ("rule X:", not "localrule X:").
-submitted_in_log() { grep -cE '^rule [A-Za-z0-9_]+:$' "$1" || true; }
+submitted_in_log() { grep -cE '^(rule|checkpoint) [A-Za-z0-9_]+:$' "$1" || true; }
 
 now() { date +%s.%N; }
 seconds() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$@"; }
@@ -107,10 +107,10 @@ bash "$HERE/slurm_cluster.sh" start || fail "could not start the cluster"
 T_UP=$(now)
 echo "cluster up in $(seconds "$T0" "$T_UP") s (including package installation)"
 
-# GPU requests schedule on the fake GPUs (the profile's train/predict ask for them).
-out=$(sbatch --wait --parsable -p gpu -A kinpet --gpus=1 -t 1 --mem 100 -o /dev/null \
+# GPU requests (the profile's train/predict) schedule on the fake GPUs, with predict's memory.
+out=$(sbatch --wait --parsable -p gpu -A kinpet --gpus=1 -t 1 --mem 32000 -o /dev/null \
     --wrap 'true') || fail "a --gpus=1 job did not run"
-echo "a --gpus=1 job in partition gpu ran (SLURM job $out)"
+echo "a --gpus=1 --mem 32000 job in partition gpu ran (SLURM job $out)"
 
 LOCAL="$TMP/local"
 CLUSTER="$TMP/cluster"
