@@ -55,6 +55,15 @@ def workdir(tmp_path_factory):
     return work
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole pipeline on the tiny config (four tiny phantom subjects), run once."""
+    work = copy_workflow(tmp_path_factory.mktemp("tiny"))
+    res = snakemake("--cores", "2", "--configfile", "tests/config/tiny.yaml", cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return work
+
+
 def test_dry_run_of_default_config(workdir):
     res = snakemake("-n", "--cores", "1", cwd=workdir)
     assert res.returncode == 0, res.stderr
@@ -69,8 +78,8 @@ def test_invalid_config_is_rejected(workdir):
     assert "sampling" in res.stderr + res.stdout
 
 
-def test_tiny_end_to_end_run(workdir):
-    res = snakemake("--cores", "2", "--configfile", "tests/config/tiny.yaml", cwd=workdir)
+def test_synthetic_dataset_end_to_end_run(workdir):
+    res = snakemake("--cores", "2", "--configfile", "tests/config/synthetic.yaml", cwd=workdir)
     assert res.returncode == 0, res.stderr[-3000:]
     curves = pd.read_csv(workdir / "results/model/organ_curves.tsv", sep="\t")
     organs = read_organ_values(workdir / "config/organ_values.tsv")
@@ -84,17 +93,17 @@ def test_tiny_end_to_end_run(workdir):
     assert (workdir / "results/figures/sampling_modes.pdf").read_bytes()[:4] == b"%PDF"
 
 
-def test_tiny_training_and_prediction(workdir):
+def test_tiny_training_and_prediction(tiny_run):
     """After the tiny run: one trained ablation and the test subject's parametric maps."""
-    log = pd.read_csv(workdir / "results/training/4.1/log.csv")
+    log = pd.read_csv(tiny_run / "results/training/4.1/log.csv")
     assert list(log.epoch) == [1, 2] and log.val_loss.notna().all()
-    assert (workdir / "results/training/4.1/best.pt").exists()
-    assert "device: cpu" in (workdir / "logs/train/4.1.log").read_text()
-    pet = nib.load(workdir / "results/preprocessed/sub-04/pet_2p5mm.nii.gz")
+    assert (tiny_run / "results/training/4.1/best.pt").exists()
+    assert "device: cpu" in (tiny_run / "logs/train/4.1.log").read_text()
+    pet = nib.load(tiny_run / "results/preprocessed/sub-04/pet_2p5mm.nii.gz")
     labels = np.asarray(
-        nib.load(workdir / "results/preprocessed/sub-04/labels_2p5mm.nii.gz").dataobj
+        nib.load(tiny_run / "results/preprocessed/sub-04/labels_2p5mm.nii.gz").dataobj
     )
-    out = workdir / "results/prediction/4.1/sub-04"
+    out = tiny_run / "results/prediction/4.1/sub-04"
     maps = {}
     for name in ("K1", "k2", "k3", "Vb", "Ki"):
         img = nib.load(out / f"sub-04_desc-{name}_kinpar.nii.gz")
@@ -172,7 +181,7 @@ def test_bad_input_stops_the_pipeline_with_the_file_named(tmp_path):
     meta = json.loads(paths["pet_json"].read_text())
     del meta["Units"]
     paths["pet_json"].write_text(json.dumps(meta))
-    config = yaml.safe_load((work / "tests/config/tiny.yaml").read_text())
+    config = yaml.safe_load((work / "tests/config/synthetic.yaml").read_text())
     # Config files merge into config/config.yaml key by key: give every role.
     config["data"]["split"] = {"train": ["sub-01"], "validation": [], "test": []}
     (work / "bad.yaml").write_text(yaml.safe_dump(config))
@@ -196,20 +205,12 @@ def test_a_subject_in_two_roles_is_rejected(workdir):
     assert "a subject appears twice" in res.stderr + res.stdout
 
 
-def test_tiny_phantom_through_the_pipeline(workdir):
-    """The phantom's rules (the tiny config writes it beside the synthetic dataset)."""
-    targets = [
-        "results/phantom/dataset_description.json",
-        "results/phantom/sub-01/pet/sub-01_pet.nii.gz",
-        "results/phantom/sub-02/pet/sub-02_pet.nii.gz",
-        "results/figures/phantom_coronal.png",
-    ]
-    res = snakemake(*targets, "--cores", "2", "--configfile", "tests/config/tiny.yaml", cwd=workdir)
-    assert res.returncode == 0, res.stderr[-3000:]
-    bids = workdir / "results/phantom"
+def test_tiny_phantom_through_the_pipeline(tiny_run):
+    """The phantom's subjects, its dataset files and its figure."""
+    bids = tiny_run / "results/bids"
     assert (bids / "dataset_description.json").exists()
-    for sid in ("sub-01", "sub-02"):
+    for sid in ("sub-01", "sub-02", "sub-03", "sub-04"):
         assert (bids / sid / "pet" / f"{sid}_pet.nii.gz").stat().st_size > 100_000
         assert (bids / "derivatives/truth" / sid / f"{sid}_desc-Ki_truth.nii.gz").exists()
-    png = workdir / "results/figures/phantom_coronal.png"
+    png = tiny_run / "results/figures/phantom_coronal.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
