@@ -176,3 +176,18 @@ def test_whole_volume_prediction_matches_slice_prediction():
     np.testing.assert_allclose(vol[:, :, 3, :4], one[0].transpose(2, 1, 0), rtol=1e-5, atol=1e-6)
     k1, k2, k3 = vol[..., 0], vol[..., 1], vol[..., 2]
     np.testing.assert_allclose(vol[..., 4], k1 * k3 / (k2 + k3), rtol=1e-6)
+
+
+def test_clamps_pass_gradients_straight_through():
+    x = torch.randn(1, 1, 64, 16, 16)
+    grads = {}
+    for straight in (True, False):
+        torch.manual_seed(0)
+        net = KineticUNet(activation="multi_clamp", straight_through=straight)
+        with torch.no_grad():
+            net.head[1].bias.copy_(torch.tensor([-5.0, -5.0, -5.0, -5.0]))  # all below
+        out = net(x)
+        assert torch.all(out == net.lower.expand_as(out))  # forward: exactly the floors
+        out.sum().backward()
+        grads[straight] = net.head[1].bias.grad.abs().sum().item()
+    assert grads[True] > 0 and grads[False] == 0

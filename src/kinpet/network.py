@@ -33,6 +33,20 @@ ACTIVATIONS = ("abs", "clamp", "multi_clamp")
 # The published code's single clamp (all four channels to one range).
 SINGLE_CLAMP = (0.01, 3.0)
 PADDED_FRAMES = 64
+# Initial bias of the head's last layer (K1, k2, k3, Vb): typical FDG tissue values.
+INITIAL_PARAMETERS = (0.3, 0.5, 0.05, 0.1)
+
+
+class _StraightThroughClamp(torch.autograd.Function):
+    """Clamp in the forward pass (exact values), identity in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, logits, lower, upper):
+        return torch.maximum(torch.minimum(logits, upper), lower)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 class ConvUnit(nn.Sequential):
@@ -121,6 +135,11 @@ class KineticUNet(nn.Module):
         Frames of the (padded) input, collapsed by the head (64 in the paper).
     lower, upper : sequence of 4 floats
         Bounds of K1, k2, k3, Vb for ``multi_clamp`` (the paper's by default).
+    straight_through : bool
+        Pass gradients through the clamps unchanged (the forward values are the clamped
+        ones either way). A plain clamp has zero gradient outside its bounds; in our demo
+        training the multi-clamp network then sank to its K1, k2, k3 floors and stayed
+        there. False reproduces the published code's plain clamp.
     channels_last : bool
         Keep activations in the channels-last (NDHWC) layout: same arithmetic, several
         times faster on CPU for slices of 64 pixels and more (benchmarks/network.py).
@@ -137,8 +156,10 @@ class KineticUNet(nn.Module):
         lower=PAPER_LOWER,
         upper=PAPER_UPPER,
         channels_last: bool = True,
+        straight_through: bool = True,
     ):
         super().__init__()
+        self.straight_through = straight_through
         for name, value, allowed in (
             ("convolution", convolution, CONVOLUTIONS),
             ("pooling", pooling, POOLINGS),
@@ -174,6 +195,11 @@ class KineticUNet(nn.Module):
             nn.Conv3d(channels, 4, 3, padding=1),
             nn.Conv3d(4, 4, (n_frames, 1, 1)),
         )
+        # Start the outputs at typical FDG values instead of near 0: below the K1, k2, k3
+        # floors a clamp passes no gradient, and a multi-clamp network started there
+        # stayed at its floors in our demo training.
+        with torch.no_grad():
+            self.head[1].bias.copy_(torch.tensor(INITIAL_PARAMETERS))
         self.register_buffer("lower", torch.tensor(lower, dtype=torch.float32).view(1, 4, 1, 1))
         self.register_buffer("upper", torch.tensor(upper, dtype=torch.float32).view(1, 4, 1, 1))
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -207,8 +233,14 @@ class KineticUNet(nn.Module):
         if self.activation == "abs":
             return logits.abs()
         if self.activation == "clamp":
-            return logits.clamp(*SINGLE_CLAMP)
-        return torch.maximum(torch.minimum(logits, self.upper), self.lower)
+            lower, upper = (torch.full_like(self.lower, b) for b in SINGLE_CLAMP)
+        else:
+            lower, upper = self.lower, self.upper
+        if not self.straight_through:
+            return torch.maximum(torch.minimum(logits, upper), lower)
+        # Forward: the clamp. Backward: the identity (straight-through), so that a pixel
+        # pushed past a bound still feels the loss and can come back.
+        return _StraightThroughClamp.apply(logits, lower, upper)
 
 
 def count_parameters(model: nn.Module) -> int:
