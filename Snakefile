@@ -10,6 +10,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/fit.smk"
 include: "workflow/rules/simulate.smk"
 
 
@@ -19,4 +20,5 @@ rule all:
         "results/figures/sampling_modes.png",
         expand("results/slices/{subject}.npz", subject=SUBJECTS),
         prediction_outputs(),
+        fit_outputs(),
         phantom_outputs(),

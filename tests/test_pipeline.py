@@ -214,3 +214,50 @@ def test_tiny_phantom_through_the_pipeline(tiny_run):
         assert (bids / "derivatives/truth" / sid / f"{sid}_desc-Ki_truth.nii.gz").exists()
     png = tiny_run / "results/figures/phantom_coronal.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_curve_fits(tiny_run):
+    """Organ fits, and voxel maps gathered from chunks: fast everywhere in the body, the
+    reference only on its configured slice (20)."""
+    organs = pd.read_csv(tiny_run / "results/fit/organ/sub-04.tsv", sep="\t")
+    assert set(organs.method) == {"fast", "curve_fit"}
+    assert {"liver", "lungs", "kidneys", "spleen"} <= set(organs.organ)
+    both = organs.pivot(index="organ", columns="method", values="Ki")
+    np.testing.assert_allclose(both["fast"], both["curve_fit"], rtol=0.05, atol=2e-4)
+    labels = np.asarray(
+        nib.load(tiny_run / "results/preprocessed/sub-04/labels_2p5mm.nii.gz").dataobj
+    )
+    body = labels > 0
+    out = tiny_run / "results/fit"
+    fast = np.asarray(nib.load(out / "fast/sub-04/sub-04_desc-K1_kinpar.nii.gz").dataobj)
+    ref = np.asarray(nib.load(out / "curve_fit/sub-04/sub-04_desc-K1_kinpar.nii.gz").dataobj)
+    assert np.isfinite(fast[body]).all() and np.isnan(fast[~body]).all()
+    others = np.ones(labels.shape[2], bool)
+    others[20] = False
+    assert np.isfinite(ref[:, :, 20][body[:, :, 20]]).all() and np.isnan(ref[:, :, others]).all()
+    # Where both fitted, they agree on most voxels (same model, same data).
+    both_fit = body[:, :, 20]
+    close = np.isclose(fast[:, :, 20][both_fit], ref[:, :, 20][both_fit], rtol=0.05, atol=0.01)
+    assert close.mean() > 0.8
+    for method in ("fast", "curve_fit"):
+        for chunk in range(3):
+            bench = tiny_run / f"results/benchmarks/fit_chunk/{method}/sub-04/chunk-{chunk}.tsv"
+            assert "s" in pd.read_csv(bench, sep="\t").columns
+
+
+def test_deleting_one_chunk_recomputes_only_that_chunk(tiny_run):
+    """A lost chunk (e.g. a failed cluster job, so the maps were never gathered): the
+    re-run plans that chunk and the gather, nothing else."""
+    out = tiny_run / "results/fit/fast/sub-04"
+    (out / "chunk-1.npz").unlink()
+    for gathered in out.glob("*_kinpar.nii.gz"):
+        gathered.unlink()
+    res = snakemake("-n", "--cores", "2", "--configfile", "tests/config/tiny.yaml", cwd=tiny_run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    jobs = sorted(
+        ln.split()[1].rstrip(":") for ln in lines if ln.startswith(("rule ", "localrule "))
+    )
+    assert jobs == ["all", "fit_chunk", "gather_fit"], res.stdout[-2000:]
+    assert "results/fit/fast/sub-04/chunk-1.npz" in res.stdout
+    assert "chunk-0.npz (" not in res.stdout and "chunk-2.npz (" not in res.stdout

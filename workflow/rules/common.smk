@@ -111,3 +111,24 @@ def phantom_outputs():
         ),
         "results/figures/phantom_coronal.png",
     ]
+
+
+# -- Curve fitting (fit.smk) -----------------------------------------------------------
+FIT = {
+    "chunks": 4,
+    "methods": ["fast", "curve_fit"],
+    "reference_slices": "all",
+    "weights": "none",
+    "sampling": "average",
+    **config.get("fit", {}),
+}
+FIT_MAP_NAMES = ["K1", "k2", "k3", "Vb", "Ki", "SSE"]
+
+
+def fit_outputs():
+    """Organ tables and voxel-wise maps of every test subject, for every method."""
+    return expand("results/fit/organ/{subject}.tsv", subject=SPLIT["test"]) + expand(
+        "results/fit/{method}/{subject}/{subject}_desc-Ki_kinpar.nii.gz",
+        method=FIT["methods"],
+        subject=SPLIT["test"],
+    )

@@ -1,0 +1,82 @@
+"""Voxel-wise fitting of whole volumes, cut into chunks of axial slices.
+
+The pipeline fits each (subject, chunk, method) in its own job and gathers the chunks
+into parametric maps; these functions do the cutting, the fitting of one chunk and the
+gathering, on arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kinpet.fitting import fit
+
+# Channels of a fitted chunk: the four parameters, Ki and the weighted SSE.
+MAP_NAMES = ("K1", "k2", "k3", "Vb", "Ki", "SSE")
+
+
+def chunk_bounds(n_slices: int, n_chunks: int, chunk: int) -> tuple[int, int]:
+    """Slices [z0, z1) of chunk ``chunk`` when ``n_slices`` are cut into ``n_chunks``."""
+    if not 0 <= chunk < n_chunks:
+        raise ValueError(f"chunk {chunk} is not in 0..{n_chunks - 1}")
+    edges = np.linspace(0, n_slices, n_chunks + 1).round().astype(int)
+    return int(edges[chunk]), int(edges[chunk + 1])
+
+
+def covered_slices(n_slices: int, spec) -> np.ndarray:
+    """Which axial slices a method fits: ``"all"``, every ``N``-th (an int), or a list."""
+    covered = np.zeros(n_slices, dtype=bool)
+    if spec == "all":
+        covered[:] = True
+    elif isinstance(spec, int):
+        if spec < 1:
+            raise ValueError(f"a slice stride must be >= 1, not {spec}")
+        covered[spec // 2 :: spec] = True  # centred strides, away from the body's ends
+    else:
+        index = np.asarray(spec, dtype=int)
+        covered[index[(index >= 0) & (index < n_slices)]] = True
+    return covered
+
+
+def fit_chunk(pet, mask, z0, z1, covered, input_function, frames, method="fast", **options):
+    """Fit every masked voxel of slices [z0, z1) that ``covered`` selects.
+
+    Parameters
+    ----------
+    pet : array [X, Y, Z, T]
+        Dynamic image (kBq/ml).
+    mask : array of bool [X, Y, Z]
+        Voxels to fit (e.g. the body).
+    z0, z1 : int
+        The chunk's slices.
+    covered : array of bool [Z]
+        Slices this method fits (:func:`covered_slices`).
+    options
+        Passed to :func:`kinpet.fitting.fit` (weights, sampling, n_jobs, ...).
+
+    Returns
+    -------
+    maps : float32 array [X, Y, z1 - z0, 6]
+        K1, k2, k3, Vb, Ki and SSE; NaN where no voxel was fitted.
+    n_fitted : int
+    """
+    sub_mask = mask[:, :, z0:z1] & covered[None, None, z0:z1]
+    out = np.full((*mask.shape[:2], z1 - z0, len(MAP_NAMES)), np.nan, dtype=np.float32)
+    n = int(sub_mask.sum())
+    if n:
+        tacs = np.asarray(pet[:, :, z0:z1, :])[sub_mask]
+        result = fit(tacs, input_function, frames, method=method, **options)
+        values = np.column_stack([result.params, result.ki, result.sse])
+        values[~result.ok] = np.nan
+        out[sub_mask] = values
+    return out, n
+
+
+def gather_chunks(chunks, bounds, shape) -> np.ndarray:
+    """Assemble chunk maps ([X, Y, z1 - z0, C] each) into a volume [X, Y, Z, C]."""
+    out = np.full((*shape[:3], chunks[0].shape[-1]), np.nan, dtype=np.float32)
+    for maps, (z0, z1) in zip(chunks, bounds, strict=True):
+        if maps.shape[2] != z1 - z0 or maps.shape[:2] != tuple(shape[:2]):
+            raise ValueError(f"chunk of shape {maps.shape} does not fit slices {z0}-{z1}")
+        out[:, :, z0:z1] = maps
+    return out

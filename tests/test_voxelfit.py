@@ -1,0 +1,63 @@
+"""Chunked voxel-wise fitting: the chunks gather into the maps of one whole-volume fit."""
+
+import numpy as np
+import pytest
+
+from kinpet.fitting import fit
+from kinpet.frames import FrameSchedule
+from kinpet.inputfunction import InputFunction
+from kinpet.kinetics import irreversible_2tc
+from kinpet.voxelfit import chunk_bounds, covered_slices, fit_chunk, gather_chunks
+
+FRAMES = FrameSchedule.paper()
+INPUT = InputFunction.feng(peak_kbq_per_ml=200.0, delay_s=8.0)
+
+
+def small_volume(seed=0, shape=(5, 4, 7)):
+    rng = np.random.default_rng(seed)
+    truth = rng.uniform([0.1, 0.3, 0.02, 0.02], [0.9, 1.5, 0.1, 0.2], size=(*shape, 4))
+    pet = irreversible_2tc(truth, INPUT, FRAMES) + rng.normal(0, 0.5, (*shape, len(FRAMES)))
+    mask = rng.uniform(size=shape) > 0.3
+    return pet.astype(np.float32), mask
+
+
+def test_chunk_bounds_cover_every_slice_once():
+    for n_slices, n_chunks in ((7, 3), (100, 4), (3, 3), (2, 5)):
+        bounds = [chunk_bounds(n_slices, n_chunks, c) for c in range(n_chunks)]
+        covered = np.concatenate([np.arange(z0, z1) for z0, z1 in bounds])
+        np.testing.assert_array_equal(covered, np.arange(n_slices))
+    with pytest.raises(ValueError, match="chunk 3"):
+        chunk_bounds(10, 3, 3)
+
+
+def test_covered_slices():
+    assert covered_slices(10, "all").all()
+    np.testing.assert_array_equal(np.flatnonzero(covered_slices(10, 4)), [2, 6])
+    np.testing.assert_array_equal(np.flatnonzero(covered_slices(10, [0, 9, 12])), [0, 9])
+
+
+def test_chunks_gather_to_the_whole_volume_fit():
+    pet, mask = small_volume()
+    covered = covered_slices(7, "all")
+    whole, n_whole = fit_chunk(pet, mask, 0, 7, covered, INPUT, FRAMES, "fast")
+    bounds = [chunk_bounds(7, 3, c) for c in range(3)]
+    parts = [fit_chunk(pet, mask, z0, z1, covered, INPUT, FRAMES, "fast") for z0, z1 in bounds]
+    gathered = gather_chunks([p[0] for p in parts], bounds, mask.shape)
+    assert sum(p[1] for p in parts) == n_whole == mask.sum()
+    np.testing.assert_allclose(gathered, whole, rtol=1e-5, equal_nan=True)
+    # Against the fitter called directly on the masked curves (independent of the chunking).
+    direct = fit(pet[mask], INPUT, FRAMES, method="fast")
+    np.testing.assert_allclose(whole[mask][:, :4], direct.params, rtol=1e-5)
+    np.testing.assert_allclose(whole[mask][:, 4], direct.ki, rtol=1e-5)
+    # Voxels outside the mask stay NaN in every channel.
+    assert np.isnan(whole[~mask]).all()
+
+
+def test_reference_method_covers_only_its_slices():
+    pet, mask = small_volume(shape=(3, 3, 6))
+    covered = covered_slices(6, [4])
+    maps, n = fit_chunk(pet, mask, 3, 6, covered, INPUT, FRAMES, "curve_fit")
+    assert n == mask[:, :, 4].sum()
+    assert np.isnan(maps[:, :, [0, 2]]).all()
+    fitted = maps[:, :, 1][mask[:, :, 4]]
+    assert np.isfinite(fitted).all()

@@ -1,0 +1,71 @@
+# Conventional curve fitting of the test subjects: organ-mean curves, and voxel by voxel as
+# scatter/gather (one job per subject, chunk of axial slices and method).
+
+
+wildcard_constraints:
+    method="fast|curve_fit",
+    chunk="[0-9]+",
+
+
+rule organ_fit:
+    input:
+        pet="results/preprocessed/{subject}/pet_2p5mm.nii.gz",
+        labels="results/preprocessed/{subject}/labels_2p5mm.nii.gz",
+        labels_tsv="results/preprocessed/{subject}/labels.tsv",
+        blood="results/preprocessed/{subject}/input_blood.tsv",
+        pet_json="results/preprocessed/{subject}/pet.json",
+    output:
+        "results/fit/organ/{subject}.tsv",
+    log:
+        "logs/organ_fit/{subject}.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    threads: 1
+    params:
+        fit=FIT,
+    script:
+        "../scripts/organ_fit.py"
+
+
+rule fit_chunk:
+    input:
+        pet="results/preprocessed/{subject}/pet_2p5mm.nii.gz",
+        labels="results/preprocessed/{subject}/labels_2p5mm.nii.gz",
+        blood="results/preprocessed/{subject}/input_blood.tsv",
+        pet_json="results/preprocessed/{subject}/pet.json",
+    output:
+        "results/fit/{method}/{subject}/chunk-{chunk}.npz",
+    log:
+        "logs/fit_chunk/{method}/{subject}/chunk-{chunk}.log",
+    benchmark:
+        "results/benchmarks/fit_chunk/{method}/{subject}/chunk-{chunk}.tsv"
+    conda:
+        "../../envs/kinpet.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        fit=FIT,
+    script:
+        "../scripts/fit_chunk.py"
+
+
+rule gather_fit:
+    input:
+        chunks=expand(
+            "results/fit/{{method}}/{{subject}}/chunk-{chunk}.npz",
+            chunk=range(FIT["chunks"]),
+        ),
+        pet="results/preprocessed/{subject}/pet_2p5mm.nii.gz",
+    output:
+        maps=expand(
+            "results/fit/{{method}}/{{subject}}/{{subject}}_desc-{name}_kinpar.nii.gz",
+            name=FIT_MAP_NAMES,
+        ),
+    log:
+        "logs/gather_fit/{method}/{subject}.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    script:
+        "../scripts/gather_fit.py"

@@ -1,0 +1,47 @@
+"""Fit the mean curve of each labelled organ of one subject with both methods."""
+
+import os
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from kinpet.fitting import fit
+from kinpet.frames import FrameSchedule
+from kinpet.inputfunction import InputFunction
+from kinpet.io import read_label_table
+from kinpet.preprocessing import mean_curve
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+sm = snakemake  # noqa: F821
+cfg = sm.params.fit
+pet = nib.load(sm.input.pet)
+labels = np.asarray(nib.load(sm.input.labels).dataobj)
+names = read_label_table(sm.input.labels_tsv)
+frames = FrameSchedule.from_bids_json(sm.input.pet_json)
+inp = InputFunction.from_blood_tsv(sm.input.blood)
+data = np.asarray(pet.dataobj, dtype=np.float32)
+organs = [n for n, i in names.items() if n != "background" and np.any(labels == i)]
+curves = np.stack([mean_curve(data, labels == names[n]) for n in organs])
+rows = []
+for method in ("curve_fit", "fast"):
+    res = fit(curves, inp, frames, method=method, weights=cfg["weights"], sampling=cfg["sampling"])
+    for organ, p, ki, sse in zip(organs, res.params, res.ki, res.sse, strict=True):
+        rows.append(
+            {
+                "organ": organ,
+                "method": method,
+                "K1": p[0],
+                "k2": p[1],
+                "k3": p[2],
+                "Vb": p[3],
+                "Ki": ki,
+                "SSE": sse,
+            }
+        )
+table = pd.DataFrame(rows)
+tmp = sm.output[0] + ".tmp"
+table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+os.replace(tmp, sm.output[0])
+print(table.to_string(), file=sys.stderr)
