@@ -20,4 +20,5 @@ rule all:
         "results/figures/sampling_modes.png",
         expand("results/slices/{subject}.npz", subject=SUBJECTS),
         prediction_outputs(),
+        fit_outputs(),
         phantom_outputs(),

@@ -126,10 +126,7 @@ FIT_MAP_NAMES = ["K1", "k2", "k3", "Vb", "Ki", "SSE"]
 
 
 def fit_outputs():
-    """Organ tables and voxel-wise maps of every test subject, for every method.
-
-    Not yet requested by `all`: in the SLURM cluster test a curve_fit chunk job was
-    reported complete before its output appeared (to be understood first)."""
+    """Organ tables and voxel-wise maps of every test subject, for every method."""
     return expand("results/fit/organ/{subject}.tsv", subject=SPLIT["test"]) + expand(
         "results/fit/{method}/{subject}/{subject}_desc-Ki_kinpar.nii.gz",
         method=FIT["methods"],
