@@ -7,7 +7,13 @@ from kinpet.fitting import fit
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import irreversible_2tc
-from kinpet.voxelfit import chunk_bounds, covered_slices, fit_chunk, gather_chunks
+from kinpet.voxelfit import (
+    chunk_bounds,
+    covered_slices,
+    figure_slice,
+    fit_chunk,
+    gather_chunks,
+)
 
 FRAMES = FrameSchedule.paper()
 INPUT = InputFunction.feng(peak_kbq_per_ml=200.0, delay_s=8.0)
@@ -34,6 +40,24 @@ def test_covered_slices():
     assert covered_slices(10, "all").all()
     np.testing.assert_array_equal(np.flatnonzero(covered_slices(10, 4)), [2, 6])
     np.testing.assert_array_equal(np.flatnonzero(covered_slices(10, [0, 9, 12])), [0, 9])
+    np.testing.assert_array_equal(np.flatnonzero(covered_slices(10, "figure4", 7)), [7])
+    with pytest.raises(ValueError, match="figure_z"):
+        covered_slices(10, "figure4")
+
+
+def test_figure_slice_shows_the_most_organs_then_the_most_voxels():
+    names = {"background": 0, "body": 1, "liver": 5, "kidneys": 6, "spleen": 7}
+    labels = np.ones((6, 6, 10), dtype=int)
+    labels[:, :, 2:5] = 5  # a large liver alone on slices 2-4
+    labels[:2, :2, 6:9] = 5  # then small parts of all three on slices 6-8
+    labels[4:, 4:, 6:9] = 7
+    labels[0, 5, 7:9] = 6
+    labels[1, 5, 8] = 6  # slice 8 has one more kidney voxel than slice 7
+    assert figure_slice(labels, names) == 8
+    # Only the organs present in the table count.
+    assert figure_slice(labels, {"liver": 5}) in (2, 3, 4)
+    with pytest.raises(ValueError, match="none of the organs"):
+        figure_slice(labels, {"body": 1})
 
 
 def test_chunks_gather_to_the_whole_volume_fit():

@@ -13,6 +13,8 @@ from kinpet.fitting import fit
 
 # Channels of a fitted chunk: the four parameters, Ki and the weighted SSE.
 MAP_NAMES = ("K1", "k2", "k3", "Vb", "Ki", "SSE")
+# The organs the paper's Fig. 4 outlines on its axial slice.
+FIGURE4_ORGANS = ("liver", "spleen", "kidneys")
 
 
 def chunk_bounds(n_slices: int, n_chunks: int, chunk: int) -> tuple[int, int]:
@@ -23,10 +25,46 @@ def chunk_bounds(n_slices: int, n_chunks: int, chunk: int) -> tuple[int, int]:
     return int(edges[chunk]), int(edges[chunk + 1])
 
 
-def covered_slices(n_slices: int, spec) -> np.ndarray:
-    """Which axial slices a method fits: ``"all"``, every ``N``-th (an int), or a list."""
+def figure_slice(labels: np.ndarray, names: dict, organs=FIGURE4_ORGANS) -> int:
+    """The axial slice that shows the most of ``organs`` (the slice of Fig. 4).
+
+    Parameters
+    ----------
+    labels : array of int [X, Y, Z]
+        Label map.
+    names : dict
+        Label name -> value (labels.tsv).
+    organs : sequence of str
+        Organs to show; names missing from ``names`` are ignored.
+
+    Returns
+    -------
+    int
+        The slice holding the largest number of the organs, and among those the most of
+        their voxels.
+    """
+    values = [names[o] for o in organs if o in names]
+    if not values:
+        raise ValueError(f"none of the organs {list(organs)} is in the label table")
+    counts = np.stack([(labels == v).sum(axis=(0, 1)) for v in values])  # [organ, Z]
+    if not counts.any():
+        raise ValueError(f"none of the organs {list(organs)} has voxels in the label map")
+    score = (counts > 0).sum(axis=0) * (counts.sum() + 1) + counts.sum(axis=0)
+    return int(np.argmax(score))
+
+
+def covered_slices(n_slices: int, spec, figure_z: int | None = None) -> np.ndarray:
+    """Which axial slices a method fits.
+
+    ``spec`` is ``"all"``, every ``N``-th slice (an int, centred), a list of slice indices,
+    or ``"figure4"``: the slice ``figure_z`` (see :func:`figure_slice`).
+    """
     covered = np.zeros(n_slices, dtype=bool)
-    if spec == "all":
+    if spec == "figure4":
+        if figure_z is None:
+            raise ValueError('reference slices "figure4" need the figure\'s slice (figure_z)')
+        covered[figure_z] = True
+    elif spec == "all":
         covered[:] = True
     elif isinstance(spec, int):
         if spec < 1:

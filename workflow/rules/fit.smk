@@ -31,6 +31,7 @@ rule fit_chunk:
     input:
         pet="results/preprocessed/{subject}/pet_2p5mm.nii.gz",
         labels="results/preprocessed/{subject}/labels_2p5mm.nii.gz",
+        labels_tsv="results/preprocessed/{subject}/labels.tsv",
         blood="results/preprocessed/{subject}/input_blood.tsv",
         pet_json="results/preprocessed/{subject}/pet.json",
     output:

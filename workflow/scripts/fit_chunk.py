@@ -8,8 +8,8 @@ import torch
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import write_slices
-from kinpet.voxelfit import MAP_NAMES, chunk_bounds, covered_slices, fit_chunk
+from kinpet.io import read_label_table, write_slices
+from kinpet.voxelfit import MAP_NAMES, chunk_bounds, covered_slices, figure_slice, fit_chunk
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
@@ -20,9 +20,11 @@ pet_img = nib.load(sm.input.pet)
 labels = np.asarray(nib.load(sm.input.labels).dataobj)
 z0, z1 = chunk_bounds(labels.shape[2], cfg["chunks"], chunk)
 # The reference method covers the configured slices; the fast fitter the whole body.
-covered = covered_slices(
-    labels.shape[2], cfg["reference_slices"] if method == "curve_fit" else "all"
+spec = cfg["reference_slices"] if method == "curve_fit" else "all"
+figure_z = (
+    figure_slice(labels, read_label_table(sm.input.labels_tsv)) if spec == "figure4" else None
 )
+covered = covered_slices(labels.shape[2], spec, figure_z)
 frames = FrameSchedule.from_bids_json(sm.input.pet_json)
 inp = InputFunction.from_blood_tsv(sm.input.blood)
 pet = np.asarray(pet_img.dataobj[:, :, z0:z1, :], dtype=np.float32)
