@@ -246,3 +246,34 @@ def test_figures_write_valid_images(tmp_path):
     )
     smooth = pooled.assign(cv=pooled["rmse_pct"], subject="sub-01")
     check_images(tmp_path, figures.smoothness_figure(smooth, organs, ["network", "fast"]), "cv")
+
+
+def test_reference_values_and_summaries_over_subjects():
+    table = pd.DataFrame(
+        {"organ": ["liver", "lungs"], "K1": [0.6, 0.2], "K1_sd": [0.1, 0.05], "k2": [0.7, 1.5]}
+    )
+    long = ev.reference_long(table).set_index(["organ", "parameter"])
+    assert long.loc[("liver", "K1"), "value"] == 0.6 and long.loc[("lungs", "K1"), "sd"] == 0.05
+    assert np.isnan(long.loc[("liver", "k2"), "sd"])
+    with_k3 = ev.with_ki(table.assign(k3=[0.01, 0.02]))
+    assert with_k3["Ki"].iloc[0] == pytest.approx(0.6 * 0.01 / 0.71)
+    per_subject = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "subject": ["a", "b", "c"],
+                    "method": "network",
+                    "organ": "liver",
+                    "parameter": "K1",
+                    "value": [1.0, 2.0, 4.0],
+                }
+            ),
+            long.reset_index().assign(subject="reference", method="reference"),
+        ],
+        ignore_index=True,
+    )
+    summary = ev.summarise_over_subjects(per_subject).set_index(["method", "organ", "parameter"])
+    assert summary.loc[("network", "liver", "K1"), "mean"] == pytest.approx(7 / 3)
+    assert summary.loc[("network", "liver", "K1"), "sd"] == pytest.approx(np.std([1, 2, 4], ddof=1))
+    assert summary.loc[("network", "liver", "K1"), "subjects"] == 3
+    assert summary.loc[("reference", "liver", "K1"), "sd"] == 0.1  # the given spread

@@ -114,6 +114,31 @@ def with_ki(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def reference_long(table: pd.DataFrame) -> pd.DataFrame:
+    """A wide table of reference organ values as long rows.
+
+    Parameters
+    ----------
+    table : DataFrame
+        Columns ``organ`` and any of :data:`PARAMETERS`, each optionally with a spread
+        column ``<parameter>_sd`` (e.g. a published mean +/- sd).
+
+    Returns
+    -------
+    DataFrame
+        ``organ, parameter, value, sd`` (sd NaN where none is given).
+    """
+    names = [p for p in PARAMETERS if p in table.columns]
+    long = table.melt(id_vars=["organ"], value_vars=names, var_name="parameter")
+    sd = pd.Series(np.nan, index=long.index)
+    for name in names:
+        if f"{name}_sd" in table.columns:
+            spread = dict(zip(table["organ"], table[f"{name}_sd"], strict=True))
+            rows = long["parameter"] == name
+            sd[rows] = long.loc[rows, "organ"].map(spread).to_numpy(dtype=float)
+    return long.assign(sd=sd.to_numpy())
+
+
 def summarise_over_subjects(long: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd over subjects of per-subject organ values.
 

@@ -12,6 +12,7 @@ from kinpet.evaluation import (
     markdown_table,
     organ_indices,
     organ_means,
+    reference_long,
     summarise_over_subjects,
     with_ki,
 )
@@ -64,14 +65,8 @@ if sm.params.reference_is_truth:
 elif sm.input.reference:
     path = sm.input.reference[0]
     table = with_ki(read_organ_values(path))
-    long = table.melt(id_vars=["organ"], value_vars=list(PARAMETERS), var_name="parameter")
-    sd_columns = [f"{p}_sd" for p in PARAMETERS if f"{p}_sd" in table.columns]
-    if sd_columns:
-        sd = table.melt(
-            id_vars=["organ"], value_vars=sd_columns, var_name="parameter", value_name="sd"
-        )
-        sd["parameter"] = sd["parameter"].str.removesuffix("_sd")
-        long = long.merge(sd, on=["organ", "parameter"], how="left")
+    long = reference_long(table)
+    if long["sd"].notna().any():
         given_sd = long.assign(method="reference")[["method", "organ", "parameter", "sd"]]
     rows.append(long.assign(subject="reference", method="reference"))
     absent = sorted(set(organs) - set(table["organ"]))
