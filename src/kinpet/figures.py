@@ -293,7 +293,7 @@ def truth_recovery_figure(
     parameters: Sequence[str] = ("K1", "k2", "k3", "Vb", "Ki"),
 ) -> Figure:
     """Relative bias and RMSE (percent of the true organ mean) per organ, parameter and
-    method, from :func:`kinpet.evaluation.pool_truth_errors`."""
+    method, from :func:`kinpet.evaluation.pool_truth_errors` (symmetric log scale)."""
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(
         2,
@@ -321,6 +321,9 @@ def truth_recovery_figure(
                 ax=ax,
             )
             ax.axhline(0, color="0.3", linewidth=0.8)
+            # Errors span from a few percent to thousands (a Vb of 0.01): linear to +-10 %,
+            # logarithmic beyond.
+            ax.set_yscale("symlog", linthresh=10)
             ax.set_title(f"{name}: {what}")
             ax.set_xlabel("")
             ax.set_ylabel(f"{what} (% of true mean)" if col == 0 else "")
