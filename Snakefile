@@ -6,12 +6,16 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/fit.smk"
 include: "workflow/rules/simulate.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -22,3 +26,4 @@ rule all:
         prediction_outputs(),
         fit_outputs(),
         phantom_outputs(),
+        evaluation_outputs(),

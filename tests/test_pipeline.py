@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from bids_synthetic import FRAMES, NAMES, write_subject
+from scipy.ndimage import binary_erosion
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
@@ -262,6 +264,176 @@ def test_tiny_curve_fits(tiny_run):
             assert "s" in pd.read_csv(bench, sep="\t").columns
 
 
+def _map(path):
+    return np.asarray(nib.load(path).dataobj, dtype=np.float64)
+
+
+def _tiny_labels(work):
+    pre = work / "results/preprocessed/sub-04"
+    table = pd.read_csv(pre / "labels.tsv", sep="\t")
+    return _map(pre / "labels_2p5mm.nii.gz").astype(int), dict(
+        zip(table.name, table["index"], strict=True)
+    )
+
+
+def test_tiny_table1_recomputed(tiny_run):
+    """Table 1 from the slice metrics of the test subject's lungs-to-bladder slices."""
+    table = pd.read_csv(tiny_run / "results/tables/table1.csv", dtype={"ablation": str})
+    assert list(table.ablation) == ["4.1"]
+    metrics = pd.read_csv(tiny_run / "results/prediction/4.1/sub-04/slice_metrics.tsv", sep="\t")
+    with np.load(tiny_run / "results/slices/sub-04.npz") as data:
+        z = data["z"]
+    rows = metrics[metrics.z.isin(z) & (metrics.pixels > 0)]
+    row = table.iloc[0]
+    assert row.slices == len(rows) == 12
+    np.testing.assert_allclose(
+        [row.cs_mean, row.cs_sd, row.mae_mean, row.mae_sd],
+        [rows.cs.mean(), rows.cs.std(ddof=1), rows.mae.mean(), rows.mae.std(ddof=1)],
+        rtol=1e-12,
+    )
+    md = (tiny_run / "results/tables/table1.md").read_text()
+    assert "| 4.1 | space + time | 3D | Multi-clamp |" in md
+    assert f"**{row.cs_mean:.2f} ± {row.cs_sd:.2f}**" in md
+
+
+def test_tiny_figure2_values_recomputed(tiny_run):
+    """Fig. 2's numbers: network and truth maps averaged in the organ masks, organ fits."""
+    values = pd.read_csv(tiny_run / "results/tables/organ_values.csv")
+    values = values.set_index(["method", "organ", "parameter"])["mean"]
+    labels, index = _tiny_labels(tiny_run)
+    fits = pd.read_csv(tiny_run / "results/fit/organ/sub-04.tsv", sep="\t")
+    for organ in ("lungs", "liver", "kidneys", "spleen"):
+        mask = labels == index[organ]
+        for name in ("K1", "k2", "k3", "Vb", "Ki"):
+            net = _map(tiny_run / f"results/prediction/4.1/sub-04/sub-04_desc-{name}_kinpar.nii.gz")
+            truth = _map(
+                tiny_run / f"results/evaluation/truth/sub-04/sub-04_desc-{name}_truth.nii.gz"
+            )
+            assert values[("network", organ, name)] == pytest.approx(np.nanmean(net[mask]))
+            assert values[("reference", organ, name)] == pytest.approx(truth[mask].mean())
+            for method in ("curve_fit", "fast"):
+                fit = fits[(fits.organ == organ) & (fits.method == method)][name].iloc[0]
+                assert values[(method, organ, name)] == pytest.approx(fit, rel=1e-5)
+    # The resampled truth lies on the 2.5-mm grid and keeps the organ's level.
+    pet = nib.load(tiny_run / "results/preprocessed/sub-04/pet_2p5mm.nii.gz")
+    truth = nib.load(tiny_run / "results/evaluation/truth/sub-04/sub-04_desc-K1_truth.nii.gz")
+    np.testing.assert_array_equal(truth.affine, pet.affine)
+    native = _map(tiny_run / "results/bids/derivatives/truth/sub-04/sub-04_desc-K1_truth.nii.gz")
+    native_labels = _map(tiny_run / "results/bids/derivatives/labels/sub-04/sub-04_dseg.nii.gz")
+    liver = binary_erosion(labels == index["liver"])
+    assert np.asarray(truth.dataobj)[liver].mean() == pytest.approx(
+        native[native_labels == index["liver"]].mean(), rel=0.05
+    )
+    assert "| liver | K1 |" in (tiny_run / "results/tables/organ_values.md").read_text()
+
+
+def test_tiny_truth_recovery_recomputed(tiny_run):
+    """Bias, RMSE and within-organ CV from the maps, on organ masks eroded by one voxel."""
+    pooled = pd.read_csv(tiny_run / "results/tables/truth_recovery.csv")
+    pooled = pooled.set_index(["organ", "parameter", "method"])
+    smooth = pd.read_csv(tiny_run / "results/tables/smoothness.csv")
+    smooth = smooth.set_index(["organ", "parameter", "method"])["cv"]
+    labels, index = _tiny_labels(tiny_run)
+    maps = {
+        "network": "results/prediction/4.1/sub-04/sub-04_desc-{}_kinpar.nii.gz",
+        "fast": "results/fit/fast/sub-04/sub-04_desc-{}_kinpar.nii.gz",
+        "curve_fit": "results/fit/curve_fit/sub-04/sub-04_desc-{}_kinpar.nii.gz",
+    }
+    cases = [("liver", "K1", "network"), ("kidneys", "Ki", "fast"), ("kidneys", "K1", "curve_fit")]
+    for organ, name, method in cases:
+        mask = binary_erosion(labels == index[organ])
+        est = _map(tiny_run / maps[method].format(name))[mask]
+        true = _map(tiny_run / f"results/evaluation/truth/sub-04/sub-04_desc-{name}_truth.nii.gz")
+        true = true[mask]
+        ok = np.isfinite(est) & np.isfinite(true)
+        diff = est[ok] - true[ok]
+        row = pooled.loc[(organ, name, method)]
+        assert row.voxels == ok.sum() > 0
+        assert row.bias == pytest.approx(diff.mean())
+        assert row.rmse == pytest.approx(np.sqrt(np.mean(diff**2)))
+        assert row.bias_pct == pytest.approx(100 * diff.mean() / true[ok].mean())
+        assert smooth[(organ, name, method)] == pytest.approx(est[ok].std() / est[ok].mean())
+    md = (tiny_run / "results/tables/truth_recovery.md").read_text()
+    assert "| liver | K1 |" in md and "network bias %" in md
+
+
+def test_tiny_runtime_table_recomputed(tiny_run):
+    """Seconds per voxel, slice and body from the benchmarks and the chunks' voxel counts."""
+    table = pd.read_csv(tiny_run / "results/tables/runtime.csv").set_index("method")
+    labels, _ = _tiny_labels(tiny_run)
+    body = labels > 0
+    bench = tiny_run / "results/benchmarks"
+    network_s = pd.read_csv(bench / "predict/4.1/sub-04.tsv", sep="\t")["s"].iloc[0]
+    assert table.loc["network", "s_per_voxel"] == pytest.approx(network_s / body.sum())
+    assert table.loc["network", "s_per_slice"] == pytest.approx(network_s / labels.shape[2])
+    assert table.loc["network", "s_per_body"] == pytest.approx(network_s)
+    per_body = {}
+    for method in ("fast", "curve_fit"):
+        seconds = sum(
+            pd.read_csv(bench / f"fit_chunk/{method}/sub-04/chunk-{c}.tsv", sep="\t")["s"].iloc[0]
+            for c in range(3)
+        )
+        fitted = 0
+        for c in range(3):
+            with np.load(tiny_run / f"results/fit/{method}/sub-04/chunk-{c}.npz") as data:
+                fitted += int(data["voxels"])
+        per_voxel = seconds / fitted
+        per_slice = per_voxel * body.sum() / body.any(axis=(0, 1)).sum()
+        per_body[method] = per_voxel * body.sum()
+        assert table.loc[method, "s_per_voxel"] == pytest.approx(per_voxel)
+        assert table.loc[method, "s_per_slice"] == pytest.approx(per_slice)
+        assert table.loc[method, "s_per_body"] == pytest.approx(per_body[method])
+    assert table.loc["curve_fit", "voxels_timed"] == body[:, :, 20].sum()
+    assert table.loc["network", "speedup"] == pytest.approx(per_body["curve_fit"] / network_s)
+    assert (table["threads"] == 2).all()
+    assert "speed-up vs curve fit" in (tiny_run / "results/tables/runtime.md").read_text()
+
+
+def test_tiny_figures_are_images(tiny_run):
+    figures = tiny_run / "results/figures"
+    for name in ("figure2", "figure3", "figure4", "truth_recovery", "smoothness"):
+        image = matplotlib.image.imread(figures / f"{name}.png")
+        assert image.ndim == 3 and min(image.shape[:2]) > 200 and image.std() > 0, name
+        assert (figures / f"{name}.pdf").read_bytes()[:4] == b"%PDF", name
+
+
+def test_tiny_report(tiny_run):
+    """`snakemake --report` collects every figure and table into one HTML file."""
+    res = snakemake(
+        "--report", "results/report.html", "--configfile", "tests/config/tiny.yaml", cwd=tiny_run
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = (tiny_run / "results/report.html").read_text()
+    assert len(html) > 100_000
+    for name in (
+        "figure2.png",
+        "figure3.png",
+        "figure4.png",
+        "table1.csv",
+        "runtime.csv",
+        "organ_values.csv",
+        "truth_recovery.png",
+        "smoothness.csv",
+    ):
+        assert name in html, name
+
+
+def test_user_data_asks_for_the_paper_figures_but_no_truth(workdir):
+    """With a user's PET-BIDS data there is no truth: no truth recovery, and Fig. 2 takes
+    its reference values from the configured table."""
+    config = yaml.safe_load((workdir / "tests/config/synthetic.yaml").read_text())
+    config["data"]["split"] = {"train": ["sub-01"], "validation": ["sub-02"], "test": ["sub-04"]}
+    config["training"] = {"run": ["4.1"], "best": "4.1"}
+    config["evaluation"] = {"reference_values": "config/organ_values.tsv"}
+    (workdir / "user.yaml").write_text(yaml.safe_dump(config))
+    res = snakemake("-n", "--cores", "1", "--configfile", "user.yaml", cwd=workdir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rule in ("table1", "figure2", "figure3", "figure4", "runtime_table"):
+        assert f"rule {rule}:" in res.stdout, rule
+    assert "truth_recovery" not in res.stdout and "resample_truth" not in res.stdout
+    assert "config/organ_values.tsv" in res.stdout
+
+
 def test_deleting_one_chunk_recomputes_only_that_chunk(tiny_run):
     """A lost chunk (e.g. a failed cluster job, so the maps were never gathered): the
     re-run plans that chunk and the gather, nothing else."""
@@ -277,7 +449,11 @@ def test_deleting_one_chunk_recomputes_only_that_chunk(tiny_run):
     jobs = sorted(
         ln.split()[1].rstrip(":") for ln in lines if ln.startswith(("rule ", "localrule "))
     )
-    # Only the chunk and the gather (and `all`, which asks for the maps).
-    assert [j for j in jobs if j != "all"] == ["fit_chunk", "gather_fit"], res.stdout[-2000:]
+    # Only the chunk and the gather, and the tables and figures that read the fast fit.
+    evaluation = {"runtime_table", "truth_recovery"}
+    assert [j for j in jobs if j != "all" and j not in evaluation] == [
+        "fit_chunk",
+        "gather_fit",
+    ], res.stdout[-2000:]
     assert "results/fit/fast/sub-04/chunk-1.npz" in res.stdout
     assert "chunk-0.npz (" not in res.stdout and "chunk-2.npz (" not in res.stdout

@@ -34,6 +34,7 @@ PLANNED_RULES = {
     "figure4",
     "runtime_table",
     "truth_recovery",
+    "resample_truth",
 }
 
 

@@ -132,3 +132,91 @@ def fit_outputs():
         method=FIT["methods"],
         subject=SPLIT["test"],
     )
+
+
+# -- Evaluation: tables and figures (evaluate.smk) ---------------------------------------
+EVALUATION = {
+    "organs": ["lungs", "liver", "kidneys", "spleen"],
+    "reference_values": None,
+    "reference_name": "reference",
+    "figure_subject": None,
+    "erode_voxels": 1,
+    **(config.get("evaluation") or {}),
+}
+BEST = TRAINING.get("best")
+if ABLATIONS and BEST not in ABLATIONS:
+    raise ValueError(
+        f"config training.best ({BEST}) must be one of the trained ablations training.run: "
+        f"{list(ABLATIONS)}"
+    )
+FIGURE_SUBJECT = EVALUATION["figure_subject"] or (SPLIT["test"] or [None])[0]
+if FIGURE_SUBJECT is not None and FIGURE_SUBJECT not in SPLIT["test"]:
+    raise ValueError(
+        f"config evaluation.figure_subject ({FIGURE_SUBJECT}) is not a test subject: {SPLIT['test']}"
+    )
+# Fig. 4 sets the network beside the reference fit; without it, beside the first fitter.
+FIGURE4_METHOD = "curve_fit" if "curve_fit" in FIT["methods"] else FIT["methods"][0]
+
+
+def job_threads(name):
+    """Threads a job of rule ``name`` gets (its threads, profile overrides included, capped
+    by --cores); None when they depend on the job."""
+    value = getattr(getattr(rules, name).rule.resources["_cores"], "value", None)
+    if not isinstance(value, int):
+        return None
+    try:
+        cores = workflow.cores
+    except Exception:  # e.g. `snakemake --report`, which gives no --cores
+        return value
+    return min(value, cores) if isinstance(cores, int) else value
+
+
+def best_prediction_maps(subjects, ablation=BEST):
+    """The maps of the best ablation (the figures' network) for these subjects."""
+    return expand(
+        "results/prediction/{ablation}/{subject}/{subject}_desc-{name}_kinpar.nii.gz",
+        ablation=ablation,
+        subject=subjects,
+        name=MAP_NAMES,
+    )
+
+
+def figure2_reference(wildcards):
+    """Reference organ values: the configured table, else on the phantom the true maps
+    (their organ means, on the same masks as the network's)."""
+    if EVALUATION["reference_values"]:
+        return [EVALUATION["reference_values"]]
+    if DATA["source"] == "phantom":
+        return expand(
+            "results/evaluation/truth/{subject}/{subject}_desc-{name}_truth.nii.gz",
+            subject=SPLIT["test"],
+            name=TRUTH_NAMES,
+        )
+    return []
+
+
+def evaluation_outputs():
+    """Every table and figure the configuration can make: none without a trained network
+    and a test subject; the truth recovery only on the phantom (the truth is known)."""
+    if not ABLATIONS or not SPLIT["test"]:
+        return []
+    outputs = [
+        f"results/tables/{name}.{ext}"
+        for name in ("table1", "organ_values", "runtime")
+        for ext in ("csv", "md")
+    ] + [
+        f"results/figures/{name}.{ext}"
+        for name in ("figure2", "figure3", "figure4")
+        for ext in ("png", "pdf")
+    ]
+    if DATA["source"] == "phantom":
+        outputs += [
+            f"results/tables/{name}.{ext}"
+            for name in ("truth_recovery", "smoothness")
+            for ext in ("csv", "md")
+        ] + [
+            f"results/figures/{name}.{ext}"
+            for name in ("truth_recovery", "smoothness")
+            for ext in ("png", "pdf")
+        ]
+    return outputs

@@ -1,0 +1,250 @@
+# Tables and figures of the paper (Table 1, Fig. 2-4, run time) and, on the phantom, the
+# recovery of the true parameter maps. Every rule reads finished maps, metrics and
+# benchmarks and writes under results/tables and results/figures.
+
+
+rule table1:
+    input:
+        metrics=expand(
+            "results/prediction/{ablation}/{subject}/slice_metrics.tsv",
+            ablation=list(ABLATIONS),
+            subject=SPLIT["test"],
+        ),
+        slices=expand("results/slices/{subject}.npz", subject=SPLIT["test"]),
+    output:
+        csv=report(
+            "results/tables/table1.csv",
+            caption="../report/table1.rst",
+            category="Paper",
+            subcategory="Table 1",
+        ),
+        md="results/tables/table1.md",
+    log:
+        "logs/table1.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        ablations=ABLATIONS,
+        subjects=SPLIT["test"],
+    script:
+        "../scripts/table1.py"
+
+
+rule figure2:
+    input:
+        maps=best_prediction_maps(SPLIT["test"]),
+        labels=expand(
+            "results/preprocessed/{subject}/labels_2p5mm.nii.gz", subject=SPLIT["test"]
+        ),
+        labels_tsv=expand(
+            "results/preprocessed/{subject}/labels.tsv", subject=SPLIT["test"]
+        ),
+        organ_fits=expand("results/fit/organ/{subject}.tsv", subject=SPLIT["test"]),
+        reference=figure2_reference,
+    output:
+        png=report(
+            "results/figures/figure2.png",
+            caption="../report/figure2.rst",
+            category="Paper",
+            subcategory="Fig. 2",
+        ),
+        pdf="results/figures/figure2.pdf",
+        csv=report(
+            "results/tables/organ_values.csv",
+            caption="../report/organ_values.rst",
+            category="Paper",
+            subcategory="Fig. 2",
+        ),
+        md="results/tables/organ_values.md",
+    log:
+        "logs/figure2.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        subjects=SPLIT["test"],
+        organs=EVALUATION["organs"],
+        ablation=BEST,
+        reference_name=EVALUATION["reference_name"],
+        reference_is_truth=not EVALUATION["reference_values"]
+        and DATA["source"] == "phantom",
+    script:
+        "../scripts/figure2.py"
+
+
+rule figure3:
+    input:
+        maps=best_prediction_maps([FIGURE_SUBJECT]),
+        metrics=f"results/prediction/{BEST}/{FIGURE_SUBJECT}/slice_metrics.tsv",
+        labels=f"results/preprocessed/{FIGURE_SUBJECT}/labels_2p5mm.nii.gz",
+        labels_tsv=f"results/preprocessed/{FIGURE_SUBJECT}/labels.tsv",
+    output:
+        png=report(
+            "results/figures/figure3.png",
+            caption="../report/figure3.rst",
+            category="Paper",
+            subcategory="Fig. 3",
+        ),
+        pdf="results/figures/figure3.pdf",
+    log:
+        "logs/figure3.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        subject=FIGURE_SUBJECT,
+        organs=EVALUATION["organs"],
+        ablation=BEST,
+    script:
+        "../scripts/figure3.py"
+
+
+rule figure4:
+    input:
+        network=f"results/prediction/{BEST}/{FIGURE_SUBJECT}/{FIGURE_SUBJECT}_desc-K1_kinpar.nii.gz",
+        fit=f"results/fit/{FIGURE4_METHOD}/{FIGURE_SUBJECT}/{FIGURE_SUBJECT}_desc-K1_kinpar.nii.gz",
+        labels=f"results/preprocessed/{FIGURE_SUBJECT}/labels_2p5mm.nii.gz",
+        labels_tsv=f"results/preprocessed/{FIGURE_SUBJECT}/labels.tsv",
+    output:
+        png=report(
+            "results/figures/figure4.png",
+            caption="../report/figure4.rst",
+            category="Paper",
+            subcategory="Fig. 4",
+        ),
+        pdf="results/figures/figure4.pdf",
+    log:
+        "logs/figure4.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        subject=FIGURE_SUBJECT,
+        organs=EVALUATION["organs"],
+        ablation=BEST,
+        method=FIGURE4_METHOD,
+    script:
+        "../scripts/figure4.py"
+
+
+rule runtime_table:
+    input:
+        predict=expand(
+            "results/benchmarks/predict/{ablation}/{subject}.tsv",
+            ablation=BEST,
+            subject=SPLIT["test"],
+        ),
+        fit_benchmarks=expand(
+            "results/benchmarks/fit_chunk/{method}/{subject}/chunk-{chunk}.tsv",
+            method=FIT["methods"],
+            subject=SPLIT["test"],
+            chunk=range(FIT["chunks"]),
+        ),
+        chunks=expand(
+            "results/fit/{method}/{subject}/chunk-{chunk}.npz",
+            method=FIT["methods"],
+            subject=SPLIT["test"],
+            chunk=range(FIT["chunks"]),
+        ),
+        labels=expand(
+            "results/preprocessed/{subject}/labels_2p5mm.nii.gz", subject=SPLIT["test"]
+        ),
+    output:
+        csv=report(
+            "results/tables/runtime.csv",
+            caption="../report/runtime.rst",
+            category="Paper",
+            subcategory="Run time",
+        ),
+        md="results/tables/runtime.md",
+    log:
+        "logs/runtime_table.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        subjects=SPLIT["test"],
+        methods=FIT["methods"],
+        chunks=FIT["chunks"],
+        threads=lambda wildcards: {
+            "network": job_threads("predict"),
+            **{method: job_threads("fit_chunk") for method in FIT["methods"]},
+        },
+    script:
+        "../scripts/runtime_table.py"
+
+
+rule resample_truth:
+    input:
+        truth=expand(
+            f"{BIDS}/derivatives/truth/{{{{subject}}}}/{{{{subject}}}}_desc-{{name}}_truth.nii.gz",
+            name=TRUTH_NAMES,
+        ),
+        pet="results/preprocessed/{subject}/pet_2p5mm.nii.gz",
+    output:
+        expand(
+            "results/evaluation/truth/{{subject}}/{{subject}}_desc-{name}_truth.nii.gz",
+            name=TRUTH_NAMES,
+        ),
+    log:
+        "logs/resample_truth/{subject}.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        voxel_mm=PREPROCESS["voxel_mm"],
+    script:
+        "../scripts/resample_truth.py"
+
+
+rule truth_recovery:
+    input:
+        truth=expand(
+            "results/evaluation/truth/{subject}/{subject}_desc-{name}_truth.nii.gz",
+            subject=SPLIT["test"],
+            name=TRUTH_NAMES,
+        ),
+        network=best_prediction_maps(SPLIT["test"]),
+        fits=expand(
+            "results/fit/{method}/{subject}/{subject}_desc-{name}_kinpar.nii.gz",
+            method=FIT["methods"],
+            subject=SPLIT["test"],
+            name=MAP_NAMES,
+        ),
+        labels=expand(
+            "results/preprocessed/{subject}/labels_2p5mm.nii.gz", subject=SPLIT["test"]
+        ),
+        labels_tsv=expand(
+            "results/preprocessed/{subject}/labels.tsv", subject=SPLIT["test"]
+        ),
+    output:
+        csv=report(
+            "results/tables/truth_recovery.csv",
+            caption="../report/truth_recovery_table.rst",
+            category="Phantom truth",
+        ),
+        md="results/tables/truth_recovery.md",
+        png=report(
+            "results/figures/truth_recovery.png",
+            caption="../report/truth_recovery.rst",
+            category="Phantom truth",
+        ),
+        pdf="results/figures/truth_recovery.pdf",
+        smooth_csv=report(
+            "results/tables/smoothness.csv",
+            caption="../report/smoothness_table.rst",
+            category="Phantom truth",
+        ),
+        smooth_md="results/tables/smoothness.md",
+        smooth_png=report(
+            "results/figures/smoothness.png",
+            caption="../report/smoothness.rst",
+            category="Phantom truth",
+        ),
+        smooth_pdf="results/figures/smoothness.pdf",
+    log:
+        "logs/truth_recovery.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        subjects=SPLIT["test"],
+        methods=FIT["methods"],
+        organs=EVALUATION["organs"],
+        erode_voxels=EVALUATION["erode_voxels"],
+    script:
+        "../scripts/truth_recovery.py"

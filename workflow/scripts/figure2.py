@@ -1,0 +1,120 @@
+"""Fig. 2: organ means of the network's maps beside the organ curve fits and reference
+values, over the test subjects (and the table of the plotted numbers)."""
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from kinpet.evaluation import (
+    PARAMETERS,
+    markdown_table,
+    organ_indices,
+    organ_means,
+    reference_long,
+    summarise_over_subjects,
+    with_ki,
+)
+from kinpet.figures import organ_parameter_figure, save_figure
+from kinpet.io import KinpetInputError, atomic_path, read_label_table, read_organ_values
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+sm = snakemake  # noqa: F821
+subjects, organs = list(sm.params.subjects), list(sm.params.organs)
+maps = iter(sm.input.maps)  # expand(): subject outer, parameter inner
+rows = []
+for subject, labels_path, tsv, fits_path in zip(
+    subjects, sm.input.labels, sm.input.labels_tsv, sm.input.organ_fits, strict=True
+):
+    index = organ_indices(read_label_table(tsv), organs, source=tsv)
+    labels = np.asarray(nib.load(labels_path).dataobj)
+    volumes = {}
+    for name in PARAMETERS:
+        path = next(maps)
+        assert f"/{subject}/" in path and f"desc-{name}_" in path, path
+        volumes[name] = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    means = organ_means(volumes, labels, index)
+    for _, row in means[means["voxels"] == 0].iterrows():
+        print(f"{subject}: no voxels of {row.organ} in {labels_path}", file=sys.stderr)
+    rows.append(means.assign(subject=subject, method="network"))
+    fits = pd.read_csv(fits_path, sep="\t")
+    missing = {"organ", "method", *PARAMETERS} - set(fits.columns)
+    if missing:
+        raise KinpetInputError(f"{fits_path}: missing column(s) {', '.join(sorted(missing))}")
+    fits = fits[fits["organ"].isin(organs)]
+    long = fits.melt(id_vars=["organ", "method"], value_vars=list(PARAMETERS), var_name="parameter")
+    rows.append(long.assign(subject=subject))
+
+given_sd = None
+if sm.params.reference_is_truth:
+    # The phantom's true maps (resampled to 2.5 mm), averaged over the same organ masks.
+    truth = iter(sm.input.reference)  # expand(): subject outer, parameter inner
+    for subject, labels_path, tsv in zip(
+        subjects, sm.input.labels, sm.input.labels_tsv, strict=True
+    ):
+        index = organ_indices(read_label_table(tsv), organs, source=tsv)
+        labels = np.asarray(nib.load(labels_path).dataobj)
+        volumes = {}
+        for name in PARAMETERS:
+            path = next(truth)
+            assert f"/{subject}/" in path and f"desc-{name}_" in path, path
+            volumes[name] = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+        means = organ_means(volumes, labels, index)
+        rows.append(means.assign(subject=subject, method="reference"))
+elif sm.input.reference:
+    path = sm.input.reference[0]
+    table = with_ki(read_organ_values(path))
+    long = reference_long(table)
+    if long["sd"].notna().any():
+        given_sd = long.assign(method="reference")[["method", "organ", "parameter", "sd"]]
+    rows.append(long.assign(subject="reference", method="reference"))
+    absent = sorted(set(organs) - set(table["organ"]))
+    if absent:
+        print(f"{path}: no reference values for {', '.join(absent)}", file=sys.stderr)
+
+per_subject = pd.concat(rows, ignore_index=True)
+per_subject = per_subject[per_subject["organ"].isin(organs)]
+methods = [
+    m for m in ("network", "curve_fit", "fast", "reference") if m in set(per_subject["method"])
+]
+summary = summarise_over_subjects(per_subject)
+rank = {
+    "organ": {o: i for i, o in enumerate(organs)},
+    "parameter": {p: i for i, p in enumerate(PARAMETERS)},
+    "method": {m: i for i, m in enumerate(methods)},
+}
+summary = summary.sort_values(
+    ["organ", "parameter", "method"], key=lambda column: column.map(rank[column.name])
+).reset_index(drop=True)
+with atomic_path(sm.output.csv) as tmp:
+    summary.to_csv(tmp, index=False)
+
+reference_label = "truth" if sm.params.reference_is_truth else sm.params.reference_name
+labels = {
+    "network": f"network ({sm.params.ablation})",
+    "curve_fit": "curve fit (organ TAC)",
+    "fast": "fast fit (organ TAC)",
+    "reference": reference_label,
+}
+cell = summary.assign(
+    text=[
+        f"{m:.3g} ± {s:.2g}" if np.isfinite(s) else (f"{m:.3g}" if np.isfinite(m) else "n/a")
+        for m, s in zip(summary["mean"], summary["sd"], strict=True)
+    ]
+)
+wide = cell.pivot(index=["organ", "parameter"], columns="method", values="text")
+wide = wide.reindex(
+    pd.MultiIndex.from_product([organs, PARAMETERS], names=["organ", "parameter"])
+).reset_index()
+wide = wide.dropna(how="all", subset=methods).fillna("n/a")
+text = markdown_table(
+    wide, {"organ": "organ", "parameter": "parameter", **{m: labels[m] for m in methods}}
+)
+with atomic_path(sm.output.md) as tmp:
+    tmp.write_text(text)
+print(text, file=sys.stderr)
+
+fig = organ_parameter_figure(per_subject, organs, methods, given_sd=given_sd, labels=labels)
+save_figure(fig, sm.output.png)
+save_figure(fig, sm.output.pdf)

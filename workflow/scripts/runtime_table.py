@@ -1,0 +1,114 @@
+"""Run-time table: seconds per voxel, per slice and per whole body of the network's
+inference and of each voxel-wise fitter, from the recorded benchmarks, with speed-ups."""
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from kinpet.evaluation import body_voxel_counts, markdown_table, runtime_table
+from kinpet.io import KinpetInputError, atomic_path
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+sm = snakemake  # noqa: F821
+subjects, methods = list(sm.params.subjects), list(sm.params.methods)
+
+
+def wall_seconds(path) -> float:
+    table = pd.read_csv(path, sep="\t")
+    if "s" not in table.columns or table.empty:
+        raise KinpetInputError(f"{path}: not a Snakemake benchmark (no column 's')")
+    return float(table["s"].iloc[0])
+
+
+counts = {
+    subject: body_voxel_counts(np.asarray(nib.load(path).dataobj))
+    for subject, path in zip(subjects, sm.input.labels, strict=True)
+}
+network = pd.DataFrame(
+    [
+        {"subject": subject, "seconds": wall_seconds(path), **counts[subject]}
+        for subject, path in zip(subjects, sm.input.predict, strict=True)
+    ]
+)
+rows = []
+benchmarks, chunks = iter(sm.input.fit_benchmarks), iter(sm.input.chunks)
+for method in methods:  # expand(): method, subject, chunk
+    for subject in subjects:
+        seconds, fitted = 0.0, 0
+        for _ in range(sm.params.chunks):
+            bench, chunk = next(benchmarks), next(chunks)
+            assert f"/{method}/{subject}/" in bench and f"/{method}/{subject}/" in chunk
+            seconds += wall_seconds(bench)
+            with np.load(chunk) as data:
+                fitted += int(data["voxels"])
+        rows.append(
+            {
+                "method": method,
+                "subject": subject,
+                "seconds": seconds,
+                "fitted": fitted,
+                **counts[subject],
+            }
+        )
+fits = pd.DataFrame(rows)
+print(network.to_string(), fits.to_string(), sep="\n", file=sys.stderr)
+reference = "curve_fit" if "curve_fit" in methods else methods[0]
+table = runtime_table(network, fits, reference=reference)
+threads = sm.params.threads
+table.insert(1, "threads", [threads.get(m) for m in table["method"]])
+with atomic_path(sm.output.csv) as tmp:
+    table.to_csv(tmp, index=False)
+
+
+def seconds(value: float) -> str:
+    """Seconds in a readable unit."""
+    if not np.isfinite(value):
+        return "n/a"
+    if value < 1e-3:
+        return f"{value * 1e6:.3g} µs"
+    if value < 1:
+        return f"{value * 1e3:.3g} ms"
+    if value < 120:
+        return f"{value:.3g} s"
+    if value < 7200:
+        return f"{value / 60:.3g} min"
+    return f"{value / 3600:.3g} h"
+
+
+names = {
+    "network": "network (inference)",
+    "curve_fit": "curve fit (scipy, per voxel)",
+    "fast": "fast fitter (batched)",
+}
+shown = pd.DataFrame(
+    {
+        "method": table["method"].map(lambda m: names.get(m, m)),
+        "threads": table["threads"].map(lambda t: "n/a" if t is None else str(t)),
+        "voxel": table["s_per_voxel"].map(seconds),
+        "slice": table["s_per_slice"].map(seconds),
+        "body": table["s_per_body"].map(seconds),
+        "speedup": table["speedup"].map(lambda r: f"{r:,.3g}x" if np.isfinite(r) else "n/a"),
+        "timed": [
+            f"{v:,} voxels, {s:.1f} s"
+            for v, s in zip(table["voxels_timed"], table["seconds_timed"], strict=True)
+        ],
+    }
+)
+ref_name = names.get(reference, reference)
+text = markdown_table(
+    shown,
+    {
+        "method": "method",
+        "threads": "threads per job",
+        "voxel": "per voxel",
+        "slice": "per slice",
+        "body": "per whole body",
+        "speedup": f"speed-up vs {ref_name}",
+        "timed": "measured on",
+    },
+)
+with atomic_path(sm.output.md) as tmp:
+    tmp.write_text(text)
+print(text, file=sys.stderr)
