@@ -70,6 +70,39 @@ def dodge_positions(n_groups: int, n_hues: int, width: float = BAR_WIDTH) -> np.
     return np.arange(n_groups)[:, None] + offsets[None, :]
 
 
+def _organ_bars(ax, data, y, organs, hue_order, palette, sd_errors=True):
+    """One panel of bars: organs along x, one bar per method (``hue``), error bars the sd
+    over subjects (``sd_errors``) or none; x without label, organ names tilted."""
+    errors = (
+        {"errorbar": "sd", "capsize": 0.15, "err_kws": {"linewidth": 1}}
+        if sd_errors
+        else {"errorbar": None}
+    )
+    sns.barplot(
+        data=data,
+        x="organ",
+        y=y,
+        hue="method",
+        order=list(organs),
+        hue_order=hue_order,
+        palette=palette,
+        width=BAR_WIDTH,
+        ax=ax,
+        **errors,
+    )
+    ax.set_xlabel("")
+    ax.tick_params(axis="x", rotation=30)
+
+
+def _one_legend(axes, keep) -> None:
+    """Keep the legend of panel ``keep`` only, beside it on the right."""
+    for ax in axes:
+        if ax is not keep and ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if keep.get_legend() is not None:
+        sns.move_legend(keep, "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
+
+
 def organ_parameter_figure(
     per_subject: pd.DataFrame,
     organs: Sequence[str],
@@ -105,20 +138,7 @@ def organ_parameter_figure(
     hue_order = [names[m] for m in methods]
     centres = dodge_positions(len(organs), len(methods))
     for ax, name in zip(axes, parameters, strict=True):
-        sns.barplot(
-            data=data[data["parameter"] == name],
-            x="organ",
-            y="value",
-            hue="method",
-            order=list(organs),
-            hue_order=hue_order,
-            palette=palette,
-            errorbar="sd",
-            capsize=0.15,
-            err_kws={"linewidth": 1},
-            width=BAR_WIDTH,
-            ax=ax,
-        )
+        _organ_bars(ax, data[data["parameter"] == name], "value", organs, hue_order, palette)
         if given_sd is not None:
             for _, row in given_sd[given_sd["parameter"] == name].iterrows():
                 if row["organ"] in organs and row["method"] in methods and np.isfinite(row["sd"]):
@@ -133,13 +153,8 @@ def organ_parameter_figure(
                         centres[i, j], mean, yerr=row["sd"], color="0.26", capsize=3, linewidth=1
                     )
         ax.set_title(name)
-        ax.set_xlabel("")
         ax.set_ylabel(f"{name} ({UNITS.get(name, '')})")
-        ax.tick_params(axis="x", rotation=30)
-        if ax is not axes[-1] and ax.get_legend() is not None:
-            ax.get_legend().remove()
-    if axes[-1].get_legend() is not None:
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
+    _one_legend(axes, axes[-1])
     return fig
 
 
@@ -305,34 +320,19 @@ def truth_recovery_figure(
     data = pooled[pooled["organ"].isin(organs) & pooled["method"].isin(methods)]
     data = data.assign(method=data["method"].map(_label))
     palette = {_label(m): METHOD_COLOURS.get(m, "grey") for m in methods}
+    hue_order = [_label(m) for m in methods]
     for row, (column, what) in enumerate((("bias_pct", "bias"), ("rmse_pct", "RMSE"))):
         for col, name in enumerate(parameters):
             ax = axes[row, col]
-            sns.barplot(
-                data=data[data["parameter"] == name],
-                x="organ",
-                y=column,
-                hue="method",
-                order=list(organs),
-                hue_order=[_label(m) for m in methods],
-                palette=palette,
-                errorbar=None,
-                width=BAR_WIDTH,
-                ax=ax,
-            )
+            subset = data[data["parameter"] == name]
+            _organ_bars(ax, subset, column, organs, hue_order, palette, sd_errors=False)
             ax.axhline(0, color="0.3", linewidth=0.8)
             # Errors span from a few percent to thousands (a Vb of 0.01): linear to +-10 %,
             # logarithmic beyond.
             ax.set_yscale("symlog", linthresh=10)
             ax.set_title(f"{name}: {what}")
-            ax.set_xlabel("")
             ax.set_ylabel(f"{what} (% of true mean)" if col == 0 else "")
-            ax.tick_params(axis="x", rotation=30)
-            legend = ax.get_legend()
-            if legend is not None and (row, col) != (0, len(parameters) - 1):
-                legend.remove()
-    if axes[0, -1].get_legend() is not None:
-        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
+    _one_legend(axes.ravel(), axes[0, -1])
     return fig
 
 
@@ -352,28 +352,10 @@ def smoothness_figure(
     data = smooth[smooth["organ"].isin(organs) & smooth["method"].isin(methods)]
     data = data.assign(method=data["method"].map(_label), cv_pct=100 * data["cv"])
     palette = {_label(m): METHOD_COLOURS.get(m, "grey") for m in methods}
+    hue_order = [_label(m) for m in methods]
     for col, (ax, name) in enumerate(zip(axes, parameters, strict=True)):
-        sns.barplot(
-            data=data[data["parameter"] == name],
-            x="organ",
-            y="cv_pct",
-            hue="method",
-            order=list(organs),
-            hue_order=[_label(m) for m in methods],
-            palette=palette,
-            errorbar="sd",
-            capsize=0.15,
-            err_kws={"linewidth": 1},
-            width=BAR_WIDTH,
-            ax=ax,
-        )
+        _organ_bars(ax, data[data["parameter"] == name], "cv_pct", organs, hue_order, palette)
         ax.set_title(name)
-        ax.set_xlabel("")
         ax.set_ylabel("within-organ CV (%)" if col == 0 else "")
-        ax.tick_params(axis="x", rotation=30)
-        legend = ax.get_legend()
-        if legend is not None and col != len(parameters) - 1:
-            legend.remove()
-    if axes[-1].get_legend() is not None:
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.0, 1.0), title=None)
+    _one_legend(axes, axes[-1])
     return fig

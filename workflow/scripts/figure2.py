@@ -22,19 +22,26 @@ from kinpet.io import KinpetInputError, atomic_path, read_label_table, read_orga
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
 subjects, organs = list(sm.params.subjects), list(sm.params.organs)
+
+
+def subject_organ_means(subject, labels_path, tsv, paths):
+    """Organ means of one subject's parameter maps; ``paths`` yields them in PARAMETERS order."""
+    index = organ_indices(read_label_table(tsv), organs, source=tsv)
+    labels = np.asarray(nib.load(labels_path).dataobj)
+    volumes = {}
+    for name in PARAMETERS:
+        path = next(paths)
+        assert f"/{subject}/" in path and f"desc-{name}_" in path, path
+        volumes[name] = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    return organ_means(volumes, labels, index)
+
+
 maps = iter(sm.input.maps)  # expand(): subject outer, parameter inner
 rows = []
 for subject, labels_path, tsv, fits_path in zip(
     subjects, sm.input.labels, sm.input.labels_tsv, sm.input.organ_fits, strict=True
 ):
-    index = organ_indices(read_label_table(tsv), organs, source=tsv)
-    labels = np.asarray(nib.load(labels_path).dataobj)
-    volumes = {}
-    for name in PARAMETERS:
-        path = next(maps)
-        assert f"/{subject}/" in path and f"desc-{name}_" in path, path
-        volumes[name] = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    means = organ_means(volumes, labels, index)
+    means = subject_organ_means(subject, labels_path, tsv, maps)
     for _, row in means[means["voxels"] == 0].iterrows():
         print(f"{subject}: no voxels of {row.organ} in {labels_path}", file=sys.stderr)
     rows.append(means.assign(subject=subject, method="network"))
@@ -53,14 +60,7 @@ if sm.params.reference_is_truth:
     for subject, labels_path, tsv in zip(
         subjects, sm.input.labels, sm.input.labels_tsv, strict=True
     ):
-        index = organ_indices(read_label_table(tsv), organs, source=tsv)
-        labels = np.asarray(nib.load(labels_path).dataobj)
-        volumes = {}
-        for name in PARAMETERS:
-            path = next(truth)
-            assert f"/{subject}/" in path and f"desc-{name}_" in path, path
-            volumes[name] = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-        means = organ_means(volumes, labels, index)
+        means = subject_organ_means(subject, labels_path, tsv, truth)
         rows.append(means.assign(subject=subject, method="reference"))
 elif sm.input.reference:
     path = sm.input.reference[0]
