@@ -14,7 +14,7 @@ fast fitter's speed on ``--n-speed`` curves, and with ``--memory N`` the peak re
 memory of fitting N curves (float32 input, in chunks).
 
     .venv/bin/python benchmarks/fitting.py [--n 300] [--n-speed 200000] [--jobs 2]
-        [--threads 2] [--workers 2] [--grid 100] [--lm-iterations 15]
+        [--threads 2] [--workers 2] [--grid 100] [--lm-iterations 15] [--tie-tolerance T]
     .venv/bin/python benchmarks/fitting.py --memory 5000000 --n 0 --n-speed 0
 
 CPU time (``time.process_time``) is printed beside wall time because the development
@@ -106,6 +106,11 @@ def compare(args, frames, idif, var_per_c):
     rel = np.array(medians["fast"]) / np.array(medians["curve_fit"]) - 1
     print(f"{'fast/cf-1':<10}" + "".join(f"{v:>+10.2%}" for v in rel)
           + "   (target: <= 0 for every parameter)")  # fmt: skip
+    low, high = median_ratio_interval(fast, ref, truth, true_ki, seed=args.seed)
+    names = (*PARAMETER_NAMES, "Ki")
+    spans = (f"{k} {a:+.1%}..{b:+.1%}" for k, a, b in zip(names, low, high, strict=True))
+    print("  95 % bootstrap interval of fast/cf-1 (how far it moves with the sample of curves): "
+          + ", ".join(spans))  # fmt: skip
     ratio = fast.sse / ref.sse
     q = np.nanquantile(ratio, [0.0, 0.01, 0.5, 0.99, 1.0])
     share = np.mean(ratio <= 1.001)
@@ -120,11 +125,32 @@ def compare(args, frames, idif, var_per_c):
             print(f"{i}\t{a:.6g}\t{b:.6g}\t{a / b:.6f}")
 
 
+def median_ratio_interval(fast, ref, truth, true_ki, seed, draws=1000):
+    """95 % bootstrap interval of median |error| fast / curve_fit - 1, per parameter.
+
+    Curves are resampled in pairs (both methods fitted the same curve), so the interval
+    shows how far the ratio moves with the sample of curves alone.
+    """
+
+    def errors(res):
+        return np.abs(np.column_stack([res.params - truth, res.ki - true_ki]))
+
+    ef, ec = errors(fast), errors(ref)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(draws):
+        i = rng.integers(len(ef), size=len(ef))
+        ratios.append(np.nanmedian(ef[i], axis=0) / np.nanmedian(ec[i], axis=0) - 1)
+    return np.quantile(ratios, [0.025, 0.975], axis=0)
+
+
 def fast_opts(args):
     grid = DEFAULT_BETA_GRID if args.grid is None else (0.02, 4.0, args.grid)
     opts = {"beta_grid": grid, "device": args.device, "workers": args.workers}
     if args.lm_iterations is not None:
         opts["lm_iterations"] = args.lm_iterations
+    if args.tie_tolerance is not None:
+        opts["tie_tolerance"] = args.tie_tolerance
     return opts
 
 
@@ -171,6 +197,12 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--grid", type=int, default=None, help="number of beta grid values")
     parser.add_argument("--lm-iterations", type=int, default=None)
+    parser.add_argument(
+        "--tie-tolerance",
+        type=float,
+        default=None,
+        help="relative SSE within which minima are tied (default 1/(frames-4); 0: lowest SSE)",
+    )
     parser.add_argument("--weights", default="none")
     parser.add_argument("--sampling", default="average")
     parser.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy.optimize import lsq_linear, minimize
+from scipy.optimize import curve_fit, lsq_linear, minimize
 
 import kinpet.fitting as fitting
 from kinpet.cli import main
@@ -166,6 +166,65 @@ def test_refined_grid_beta_of_noise_free_curves(idif):
     true_beta = truth[:, 1] + truth[:, 2]
     assert np.median(np.abs(beta / true_beta - 1)) < 2e-3
     assert np.max(np.abs(beta / true_beta - 1)) < 2e-2
+
+
+def test_tied_minima_resolve_to_the_one_nearest_the_start(idif):
+    # Hand-made SSE profiles over the grid's betas: parabolas in log beta with their
+    # minima exactly on grid points. yy = 100, so SSE = 100 - gain.
+    lo, hi = check_bounds()
+    model, w = KineticModel(idif, FRAMES), frame_weights(FRAMES)
+    fitter = FastFitter(model, w, lo, hi, device="cpu")
+    log_b = torch.log(fitter.betas)
+    near = lambda beta: int((log_b - math.log(beta)).abs().argmin())  # noqa: E731
+
+    def profile(*minima):
+        """Gain with a local maximum (SSE minimum) of height h at each (beta, h)."""
+        bumps = [h - 0.5 * (log_b - log_b[near(b)]) ** 2 for b, h in minima]
+        return torch.stack(bumps).amax(0)
+
+    tol = fitting.default_tie_tolerance(w)
+    assert tol == pytest.approx(1 / 58)
+    gain = torch.stack([
+        profile((0.3, 99.0 - 0.5 * tol), (3.0, 99.0)),  # tied: the slow one, nearer 0.11
+        profile((0.3, 99.0 - 2.0 * tol), (3.0, 99.0)),  # not tied: the best
+        profile((0.04, 99.0 - 0.1 * tol), (0.3, 99.0 - 0.5 * tol), (3.0, 99.0)),  # 0.04 nearer
+        profile((0.8, 99.0)),  # a single minimum
+    ])  # fmt: skip
+    yy = torch.full((4,), 100.0, dtype=torch.float64)
+    chosen = fitter._choose_minimum(gain, yy).tolist()
+    assert chosen == [near(0.3), near(3.0), near(0.04), near(0.8)]
+    strict = FastFitter(model, w, lo, hi, device="cpu", tie_tolerance=0.0)
+    assert strict._choose_minimum(gain, yy).tolist() == [near(3.0)] * 3 + [near(0.8)]
+    with pytest.raises(ValueError, match="tie_tolerance"):
+        FastFitter(model, w, lo, hi, tie_tolerance=-0.1)
+
+
+def test_tied_minima_on_noisy_curves_are_true_local_minima(idif):
+    # Noisy curves (seeded) where the SSE over beta has two minima within the tolerance:
+    # the default fit takes the one nearer k2 + k3 = 0.11 /min, at most 1/58 above the
+    # lowest SSE, and curve_fit started at it (an independent local optimiser) stays in
+    # its valley: it is a local minimum, not a point on the way to the other one.
+    y = noisy(irreversible_2tc(interior_params(300, seed=30), idif, FRAMES), 0.5, seed=31)
+    tied = fit(y, idif, FRAMES)
+    best = fit(y, idif, FRAMES, tie_tolerance=0.0)
+    log_beta = lambda p: np.log(p[..., 1] + p[..., 2])  # noqa: E731
+    other = np.abs(log_beta(tied.params) - log_beta(best.params)) > 0.2
+    assert 2 <= other.sum() <= 20  # about 1 in 150 noisy curves at this noise level
+    # Elsewhere the same minimum (started from different points of a flat valley).
+    np.testing.assert_allclose(tied.sse[~other], best.sse[~other], rtol=1e-5)
+    assert (tied.sse[other] <= best.sse[other] * (1 + 1 / 58) * (1 + 1e-9)).all()
+    distance = lambda p: np.abs(log_beta(p) - math.log(0.11))  # noqa: E731
+    assert (distance(tied.params[other]) < distance(best.params[other])).all()
+    model = KineticModel(idif, FRAMES)
+    for k in np.flatnonzero(other):
+        ref = curve_fit(lambda _x, *p: model(np.array(p)), np.arange(len(FRAMES)), y[k],
+                        p0=tied.params[k], bounds=(PAPER_LOWER, PAPER_UPPER))[0]  # fmt: skip
+        ref_sse = float(np.sum((y[k] - model(ref)) ** 2))
+        # No lower point nearby (along flat valleys the fast fit may stop ~1e-6 short) ...
+        assert ref_sse >= tied.sse[k] * (1 - 1e-5)
+        # ... and curve_fit stays in this minimum's valley, far from the other's beta.
+        gap = abs(log_beta(best.params[k]) - log_beta(tied.params[k]))
+        assert abs(log_beta(ref) - log_beta(tied.params[k])) < 0.25 * gap
 
 
 def test_newton_system_matches_finite_differences(idif):
