@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from kinpet.evaluation import axial_slice
 from kinpet.fitting import fit
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
@@ -58,6 +59,24 @@ def test_figure_slice_shows_the_most_organs_then_the_most_voxels():
     assert figure_slice(labels, {"liver": 5}) in (2, 3, 4)
     with pytest.raises(ValueError, match="none of the organs"):
         figure_slice(labels, {"body": 1})
+
+
+def test_figure_4_shows_the_slice_that_curve_fit_covered():
+    # One rule picks the slice curve_fit fits ("figure4") and the slice Fig. 4 shows among
+    # those a fit covered: with "figure4" they are the same slice, and with a stride the
+    # figure takes the covered slice with the most organs, not the one with most voxels.
+    names = {"background": 0, "body": 1, "liver": 5, "kidneys": 6, "spleen": 7}
+    labels = np.ones((6, 6, 10), dtype=int)
+    labels[:, :, 2:5] = 5  # a large liver alone on slices 2-4
+    labels[:2, :2, 6:9] = 5  # small parts of all three on slices 6-8
+    labels[4:, 4:, 6:9] = 7
+    labels[0, 5, 6:9] = 6
+    organs = {o: names[o] for o in ("liver", "spleen", "kidneys")}
+    z = figure_slice(labels, names)
+    assert axial_slice(covered_slices(10, "figure4", figure_z=z), labels, organs) == z == 6
+    stride = covered_slices(10, 2)  # slices 1, 3, 5, 7, 9
+    assert stride[3] and stride[7]  # the large-liver slice and an all-organ slice
+    assert axial_slice(stride, labels, organs) == 7
 
 
 def test_chunks_gather_to_the_whole_volume_fit():

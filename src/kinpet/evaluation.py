@@ -223,11 +223,13 @@ def coronal_plane(labels: np.ndarray, organs: Mapping[str, int]) -> int:
 
 
 def axial_slice(covered: np.ndarray, labels: np.ndarray, organs: Mapping[str, int]) -> int:
-    """The axial slice (z) for a side-by-side comparison with a fit.
+    """The axial slice (z) that shows the given organs best among the covered ones.
 
-    Among the slices where ``covered`` is true (the slices the fit covered), the one with
-    the most voxels of the given organs; if none of them holds any, the covered slice with
-    the most body voxels.
+    Among the slices where ``covered`` is true (e.g. the slices a fit covered), the one
+    holding the most of the organs, and among those the most of their voxels; if none of
+    them holds any, the covered slice with the most body voxels. This is also how
+    :func:`kinpet.voxelfit.figure_slice` chooses the slice of Fig. 4 that curve_fit
+    covers, so the figure shows that slice.
 
     Raises
     ------
@@ -237,8 +239,13 @@ def axial_slice(covered: np.ndarray, labels: np.ndarray, organs: Mapping[str, in
     covered = np.asarray(covered, dtype=bool)
     if not covered.any():
         raise EvaluationError("the fit covers no axial slice")
-    organ_voxels = np.isin(labels, list(organs.values())).sum(axis=(0, 1))
-    score = np.where(covered, organ_voxels, -1)
+    counts = np.stack(
+        [(labels == v).sum(axis=(0, 1)) for v in organs.values()]
+        or [np.zeros(labels.shape[2], dtype=np.int64)]
+    )  # [organ, Z]
+    # Organs present first; the voxel count (< total + 1) only breaks ties.
+    score = (counts > 0).sum(axis=0) * (counts.sum() + 1) + counts.sum(axis=0)
+    score = np.where(covered, score, -1)
     if score.max() <= 0:
         score = np.where(covered, (labels > 0).sum(axis=(0, 1)), -1)
     return int(np.argmax(score))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kinpet.evaluation import axial_slice
 from kinpet.fitting import fit
 
 # Channels of a fitted chunk: the four parameters, Ki and the weighted SSE.
@@ -41,16 +42,14 @@ def figure_slice(labels: np.ndarray, names: dict, organs=FIGURE4_ORGANS) -> int:
     -------
     int
         The slice holding the largest number of the organs, and among those the most of
-        their voxels.
+        their voxels (:func:`kinpet.evaluation.axial_slice` over all slices).
     """
-    values = [names[o] for o in organs if o in names]
-    if not values:
+    present = {o: names[o] for o in organs if o in names}
+    if not present:
         raise ValueError(f"none of the organs {list(organs)} is in the label table")
-    counts = np.stack([(labels == v).sum(axis=(0, 1)) for v in values])  # [organ, Z]
-    if not counts.any():
+    if not np.isin(labels, list(present.values())).any():
         raise ValueError(f"none of the organs {list(organs)} has voxels in the label map")
-    score = (counts > 0).sum(axis=0) * (counts.sum() + 1) + counts.sum(axis=0)
-    return int(np.argmax(score))
+    return axial_slice(np.ones(labels.shape[2], dtype=bool), labels, present)
 
 
 def covered_slices(n_slices: int, spec, figure_z: int | None = None) -> np.ndarray:
