@@ -261,6 +261,10 @@ def test_pet_bids_files(clean):
     # float32, so the bounds are too.
     low, high = np.float32(0.01), np.float32(2.0)
     assert k1[tissue].max() <= high and k2[tissue].min() >= low and k3[tissue].min() >= low
+    # The organ table says what its means are, and in which units.
+    table = f["K1"].parent / f["K1"].name.replace("desc-K1_truth.nii.gz", "organs.json")
+    sidecar = json.loads(table.read_text())
+    assert sidecar["K1"]["Units"] == "mL/cm3/min" and "clip" in sidecar["k3"]["Description"]
 
 
 def test_same_seed_gives_identical_bytes(tmp_path):

@@ -841,6 +841,19 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
     rows = [(n, *subject.organ_params[n]) for n in sorted(subject.organ_params)]
     table = pd.DataFrame(rows, columns=["organ", *PARAMETER_NAMES])
     io.write_tsv(truth_dir / f"{sid}_organs.tsv", table)
+    # The maps differ from these means: each organ gets a smooth within-organ field and
+    # every voxel is clipped to the paper's bounds (liver k3 ~0.003 -> 0.01, for instance).
+    described = "This subject's mean of the parameter in the organ, before the within-organ "
+    described += "field and before the per-voxel clip to the paper's bounds that the truth "
+    described += "maps (desc-*_truth) hold; average a truth map over the organ's labels to "
+    described += "compare with a fit."
+    io.write_json(
+        truth_dir / f"{sid}_organs.json",
+        {
+            "organ": {"Description": "Organ name, as in the label table (dseg.tsv)."},
+            **{n: {"Description": described, "Units": units[n]} for n in PARAMETER_NAMES},
+        },
+    )
     # write_blood_tsv writes the .tsv and its .json: both go to temporary names first.
     blood = pet_dir / f"{sid}_recording-idif_blood.tsv"
     tmp_blood = blood.with_name(f".{blood.stem}.tmp.tsv")
