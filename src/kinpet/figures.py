@@ -216,12 +216,17 @@ def cs_profile_figure(
     ax = axes[0]
     rows = metrics[(metrics["pixels"] > 0) & np.isfinite(metrics["cs"])]
     colours = sns.color_palette("Set2", max(len(extents), 1))
-    for colour, (_, organ) in zip(colours, extents.iterrows(), strict=False):
+    # Each organ shades its own vertical strip of the panel: organs whose z ranges overlap
+    # (liver and spleen) would otherwise hide one another.
+    width = 1.0 / max(len(extents), 1)
+    for i, (colour, (_, organ)) in enumerate(zip(colours, extents.iterrows(), strict=False)):
         ax.axhspan(
             (organ["z0"] - 0.5) * voxel_mm,
             (organ["z1"] + 0.5) * voxel_mm,
+            xmin=i * width,
+            xmax=(i + 1) * width,
             color=colour,
-            alpha=0.3,
+            alpha=0.35,
             linewidth=0,
             label=organ["organ"],
         )
