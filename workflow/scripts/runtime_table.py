@@ -82,6 +82,15 @@ names = {
     "curve_fit": "curve fit (scipy, per voxel)",
     "fast": "fast fitter (batched)",
 }
+
+
+def speedup(ratio):
+    """1,004x rather than 1e+03x; three digits below 100."""
+    if not np.isfinite(ratio):
+        return "n/a"
+    return f"{ratio:,.0f}x" if ratio >= 100 else f"{ratio:.3g}x"
+
+
 shown = pd.DataFrame(
     {
         "method": table["method"].map(lambda m: names.get(m, m)),
@@ -89,7 +98,7 @@ shown = pd.DataFrame(
         "voxel": table["s_per_voxel"].map(seconds),
         "slice": table["s_per_slice"].map(seconds),
         "body": table["s_per_body"].map(seconds),
-        "speedup": table["speedup"].map(lambda r: f"{r:,.3g}x" if np.isfinite(r) else "n/a"),
+        "speedup": table["speedup"].map(speedup),
         "timed": [
             f"{v:,} voxels, {s:.1f} s"
             for v, s in zip(table["voxels_timed"], table["seconds_timed"], strict=True)
