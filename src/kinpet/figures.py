@@ -234,7 +234,8 @@ def cs_profile_figure(
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("position along the body axis (mm, inferior to superior)")
     ax.set_title(f"(a) {subject}".strip())
-    ax.legend(fontsize=7, loc="lower left")
+    # Below the panel: inside it, the legend would cover part of the CS trace.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, frameon=False)
     first = next(iter(coronal.values())) if coronal else np.zeros((1, 1))
     nx, nz = first.shape
     extent = (0, nx * voxel_mm, -0.5 * voxel_mm, (nz - 0.5) * voxel_mm)
