@@ -43,8 +43,14 @@ METHOD_COLOURS = {
 BAR_WIDTH = 0.8
 
 
-def _label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+def _by_method(frame: pd.DataFrame, organs, methods, names=METHOD_LABELS):
+    """Rows of ``organs`` and ``methods`` with the methods renamed for the legend, their
+    order and their colours: (data, hue_order, palette) for :func:`_organ_bars`."""
+    data = frame[frame["organ"].isin(organs) & frame["method"].isin(methods)]
+    data = data.assign(method=data["method"].map(lambda m: names.get(m, m)))
+    hue_order = [names.get(m, m) for m in methods]
+    palette = {names.get(m, m): METHOD_COLOURS.get(m, "grey") for m in methods}
+    return data, hue_order, palette
 
 
 def save_figure(fig: Figure, path, dpi: int = 150) -> None:
@@ -132,10 +138,7 @@ def organ_parameter_figure(
         1, len(parameters), figsize=(3.2 * len(parameters), 3.4), layout="constrained"
     )
     axes = np.atleast_1d(axes)
-    palette = {names[m]: METHOD_COLOURS.get(m, "grey") for m in methods}
-    data = per_subject[per_subject["organ"].isin(organs) & per_subject["method"].isin(methods)]
-    data = data.assign(method=data["method"].map(names))
-    hue_order = [names[m] for m in methods]
+    data, hue_order, palette = _by_method(per_subject, organs, methods, names)
     centres = dodge_positions(len(organs), len(methods))
     for ax, name in zip(axes, parameters, strict=True):
         _organ_bars(ax, data[data["parameter"] == name], "value", organs, hue_order, palette)
@@ -146,7 +149,7 @@ def organ_parameter_figure(
                     mean = data.loc[
                         (data["parameter"] == name)
                         & (data["organ"] == row["organ"])
-                        & (data["method"] == names[row["method"]]),
+                        & (data["method"] == hue_order[j]),
                         "value",
                     ].mean()
                     ax.errorbar(
@@ -323,10 +326,7 @@ def truth_recovery_figure(
         layout="constrained",
         sharex=True,
     )
-    data = pooled[pooled["organ"].isin(organs) & pooled["method"].isin(methods)]
-    data = data.assign(method=data["method"].map(_label))
-    palette = {_label(m): METHOD_COLOURS.get(m, "grey") for m in methods}
-    hue_order = [_label(m) for m in methods]
+    data, hue_order, palette = _by_method(pooled, organs, methods)
     for row, (column, what) in enumerate((("bias_pct", "bias"), ("rmse_pct", "RMSE"))):
         for col, name in enumerate(parameters):
             ax = axes[row, col]
@@ -355,10 +355,8 @@ def smoothness_figure(
         1, len(parameters), figsize=(3.0 * len(parameters), 3.4), layout="constrained"
     )
     axes = np.atleast_1d(axes)
-    data = smooth[smooth["organ"].isin(organs) & smooth["method"].isin(methods)]
-    data = data.assign(method=data["method"].map(_label), cv_pct=100 * data["cv"])
-    palette = {_label(m): METHOD_COLOURS.get(m, "grey") for m in methods}
-    hue_order = [_label(m) for m in methods]
+    data, hue_order, palette = _by_method(smooth, organs, methods)
+    data = data.assign(cv_pct=100 * data["cv"])
     for col, (ax, name) in enumerate(zip(axes, parameters, strict=True)):
         _organ_bars(ax, data[data["parameter"] == name], "cv_pct", organs, hue_order, palette)
         ax.set_title(name)

@@ -843,10 +843,11 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
     io.write_tsv(truth_dir / f"{sid}_organs.tsv", table)
     # The maps differ from these means: each organ gets a smooth within-organ field and
     # every voxel is clipped to the paper's bounds (liver k3 ~0.003 -> 0.01, for instance).
-    described = "This subject's mean of the parameter in the organ, before the within-organ "
-    described += "field and before the per-voxel clip to the paper's bounds that the truth "
-    described += "maps (desc-*_truth) hold; average a truth map over the organ's labels to "
-    described += "compare with a fit."
+    described = (
+        "This subject's mean of the parameter in the organ, before the within-organ field and "
+        "before the per-voxel clip to the paper's bounds that the truth maps (desc-*_truth) "
+        "hold; average a truth map over the organ's labels to compare with a fit."
+    )
     io.write_json(
         truth_dir / f"{sid}_organs.json",
         {
