@@ -98,15 +98,17 @@ def compare(args, frames, idif, var_per_c):
     print("median absolute error against the truth:")
     true_ki = ki(truth)
     print(f"{'method':<10}" + "".join(f"{p:>10}" for p in (*PARAMETER_NAMES, "Ki")))
-    medians = {}
-    for name, res in (("curve_fit", ref), ("fast", fast)):
-        err = np.abs(res.params - truth)
-        medians[name] = [*np.nanmedian(err, axis=0), np.nanmedian(np.abs(res.ki - true_ki))]
-        print(f"{name:<10}" + "".join(f"{e:>10.4g}" for e in medians[name]))
-    rel = np.array(medians["fast"]) / np.array(medians["curve_fit"]) - 1
+    # |error| per curve of K1, k2, k3, Vb and Ki.
+    errors = {
+        name: np.abs(np.column_stack([res.params - truth, res.ki - true_ki]))
+        for name, res in (("curve_fit", ref), ("fast", fast))
+    }
+    for name, err in errors.items():
+        print(f"{name:<10}" + "".join(f"{e:>10.4g}" for e in np.nanmedian(err, axis=0)))
+    rel = median_ratio(errors["fast"], errors["curve_fit"])
     print(f"{'fast/cf-1':<10}" + "".join(f"{v:>+10.2%}" for v in rel)
           + "   (target: <= 0 for every parameter)")  # fmt: skip
-    low, high = median_ratio_interval(fast, ref, truth, true_ki, seed=args.seed)
+    low, high = median_ratio_interval(errors["fast"], errors["curve_fit"], seed=args.seed)
     names = (*PARAMETER_NAMES, "Ki")
     spans = (f"{k} {a:+.1%}..{b:+.1%}" for k, a, b in zip(names, low, high, strict=True))
     print("  95 % bootstrap interval of fast/cf-1 (how far it moves with the sample of curves): "
@@ -125,22 +127,23 @@ def compare(args, frames, idif, var_per_c):
             print(f"{i}\t{a:.6g}\t{b:.6g}\t{a / b:.6f}")
 
 
-def median_ratio_interval(fast, ref, truth, true_ki, seed, draws=1000):
-    """95 % bootstrap interval of median |error| fast / curve_fit - 1, per parameter.
+def median_ratio(err_fast, err_ref):
+    """Median |error| of fast / that of curve_fit - 1, per column."""
+    return np.nanmedian(err_fast, axis=0) / np.nanmedian(err_ref, axis=0) - 1
 
-    Curves are resampled in pairs (both methods fitted the same curve), so the interval
-    shows how far the ratio moves with the sample of curves alone.
+
+def median_ratio_interval(err_fast, err_ref, seed, draws=1000):
+    """95 % bootstrap interval of :func:`median_ratio`, per column.
+
+    Curves (rows) are resampled in pairs (both methods fitted the same curve), so the
+    interval shows how far the ratio moves with the sample of curves alone.
     """
-
-    def errors(res):
-        return np.abs(np.column_stack([res.params - truth, res.ki - true_ki]))
-
-    ef, ec = errors(fast), errors(ref)
     rng = np.random.default_rng(seed)
+    n = len(err_fast)
     ratios = []
     for _ in range(draws):
-        i = rng.integers(len(ef), size=len(ef))
-        ratios.append(np.nanmedian(ef[i], axis=0) / np.nanmedian(ec[i], axis=0) - 1)
+        i = rng.integers(n, size=n)
+        ratios.append(median_ratio(err_fast[i], err_ref[i]))
     return np.quantile(ratios, [0.025, 0.975], axis=0)
 
 

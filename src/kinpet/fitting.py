@@ -314,9 +314,12 @@ def fit(
                 params[idx], sse[idx], unconverged = fitter.fit(y[idx], steps, workers)
                 going.append(idx[unconverged])
             going = np.concatenate(going)
-            for start in range(0, going.size if lm_iterations > steps else 0, chunk_size):
-                idx = going[start : start + chunk_size]
-                params[idx], sse[idx] = fitter.resume(y[idx], params[idx], lm_iterations - steps)
+            if lm_iterations > steps:
+                for start in range(0, going.size, chunk_size):
+                    idx = going[start : start + chunk_size]
+                    params[idx], sse[idx] = fitter.resume(
+                        y[idx], params[idx], lm_iterations - steps
+                    )
         else:
             params[good], sse[good] = _curve_fit_many(
                 y[good], input_function, frames, sampling, w, lo, hi, n_jobs
@@ -581,22 +584,25 @@ class FastFitter:
         beta : torch.Tensor, shape [n]
             The refined beta (k2 + k3 of ``params`` up to round-off).
         """
-        beta = torch.exp(torch.cat([self._grid_search(b) for b in y_w.split(_GRID_BLOCK)]))
+        yy = (y_w * y_w).sum(1)
+        blocks = zip(y_w.split(_GRID_BLOCK), yy.split(_GRID_BLOCK), strict=True)
+        beta = torch.exp(torch.cat([self._grid_search(b, b_yy) for b, b_yy in blocks]))
         e = self._exact_e(beta)
         c1, c2, c3 = y_w @ self.i_w, (y_w * e).sum(1), y_w @ self.a_w
         ie, ee, ea = e @ self.i_w, (e * e).sum(1), e @ self.a_w
-        _, p = self._cone_lsq(c1, c2, c3, (y_w * y_w).sum(1), ie, ee, ea, beta)
+        _, p = self._cone_lsq(c1, c2, c3, yy, ie, ee, ea, beta)
         return self._to_params(p, beta), e, beta
 
-    def _grid_search(self, y_w):
-        """The refined log beta [n] of the grid's best beta (:meth:`_refine`)."""
+    def _grid_search(self, y_w, yy):
+        """The refined log beta [n] of the grid's chosen beta (:meth:`_choose_minimum`,
+        :meth:`_refine`); ``yy`` [n] is sum(y_w^2) per curve."""
         c1 = (y_w @ self.i_w)[:, None]
         c2 = y_w @ self.e_w.T  # [n, B]
         # Projections on the cone's edges W and U (:meth:`_cone_lsq`), per beta.
         c_w = torch.addcmul(c2 * (1 - self.rho_hi), c1, self.rho_hi)
         c_u = torch.addcmul(c2 * (1 - self.rho_lo), c1, self.rho_lo)
         gain = self._scan(c_w, c_u, y_w @ self.a_w)
-        return self._refine(gain, self._choose_minimum(gain, (y_w * y_w).sum(1)))
+        return self._refine(gain, self._choose_minimum(gain, yy))
 
     def _choose_minimum(self, gain, yy):
         """Index of the beta to polish: among tied local minima, the one nearest the start.
