@@ -363,3 +363,63 @@ def smoothness_figure(
         ax.set_ylabel("within-organ CV (%)" if col == 0 else "")
     _one_legend(axes, axes[-1])
     return fig
+
+
+def convergence_figure(curves: pd.DataFrame, organs: Sequence[str]) -> Figure:
+    """Learning curves of the convergence study (:func:`kinpet.convergence.learning_curves`).
+
+    Left: the training, validation and test losses (the published loss, in evaluation
+    mode) as ratios to the fast fitter's floor on the same pixels, against the epoch.
+    Middle and right: the test subject's organ-mean bias of K1 and Ki against the truth,
+    with the fast fitter's bias as a dashed line of the same colour. One line style per
+    ablation (column ``ablation``).
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    styles = ["-", "--", ":", "-."]
+    colours = sns.color_palette("deep", max(len(organs), 3))
+    loss_colours = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
+    for k, (ablation, run) in enumerate(curves.groupby("ablation", sort=False)):
+        style = styles[k % len(styles)]
+        for name, colour in loss_colours.items():
+            column = f"{name}_ratio"
+            if column in run and run[column].notna().any():
+                rows = run[run[column].notna()]
+                axes[0].plot(
+                    rows["epoch"],
+                    rows[column],
+                    style,
+                    color=colour,
+                    marker=".",
+                    label=f"{name} ({ablation})",
+                )
+        for ax, parameter in zip(axes[1:], ("K1", "Ki"), strict=True):
+            for colour, organ in zip(colours, organs, strict=False):
+                column = f"{organ}_{parameter}_bias_pct"
+                if column not in run:
+                    continue
+                rows = run[run[column].notna()]
+                ax.plot(
+                    rows["epoch"],
+                    rows[column],
+                    style,
+                    color=colour,
+                    marker=".",
+                    label=f"{organ} ({ablation})",
+                )
+                fast = run.get(f"fast_{column}")
+                if k == 0 and fast is not None and fast.notna().any():
+                    ax.axhline(fast.dropna().iloc[0], color=colour, linestyle=(0, (4, 3)), lw=0.8)
+    axes[0].axhline(1.0, color="black", lw=0.8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("loss / fast-fit floor")
+    axes[0].set_title("loss (published MSE) / floor")
+    for ax, parameter in zip(axes[1:], ("K1", "Ki"), strict=True):
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.axhspan(-10, 10, color="0.9", zorder=0)
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_ylabel(f"{parameter} organ-mean bias (%)")
+        ax.set_title(f"{parameter} bias vs truth (dashed: fast fit)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7, frameon=False)
+    return fig

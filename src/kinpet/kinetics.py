@@ -117,7 +117,12 @@ class KineticModel:
     def _constants(self, device, dtype):
         key = (device, dtype)
         if key not in self._tensors:
-            self._tensors[key] = {k: _as_tensor(v, device, dtype) for k, v in self._plan.items()}
+            # Cached constants made under inference mode could never enter autograd later
+            # (a model evaluated first, then trained on), so they are made outside it.
+            with torch.inference_mode(False):
+                self._tensors[key] = {
+                    k: _as_tensor(v, device, dtype) for k, v in self._plan.items()
+                }
         return self._tensors[key]
 
     def _evaluate(self, params: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER
 
 CONVOLUTIONS = ("3d", "space_time")
 POOLINGS = ("3d", "space")
-ACTIVATIONS = ("abs", "clamp", "multi_clamp")
+ACTIVATIONS = ("abs", "clamp", "multi_clamp", "sigmoid")
 # The published code's single clamp (all four channels to one range).
 SINGLE_CLAMP = (0.01, 3.0)
 PADDED_FRAMES = 64
@@ -124,9 +124,12 @@ class KineticUNet(nn.Module):
         Plain 3-D convolutions or the (2+1)-D spatial-then-temporal factorisation.
     pooling : {"3d", "space"}
         Max-pooling over space and time [2, 2, 2] or over space only [1, 2, 2].
-    activation : {"abs", "clamp", "multi_clamp"}
-        Final activation: absolute value, one clamp of all channels to [0.01, 3], or a
-        clamp of each channel to its parameter bounds.
+    activation : {"abs", "clamp", "multi_clamp", "sigmoid"}
+        Final activation: absolute value, one clamp of all channels to [0.01, 3], a
+        clamp of each channel to its parameter bounds, or a logistic map of each channel
+        onto its bounds (:func:`bounded_sigmoid`: geometric for K1, k2, k3, linear for Vb),
+        which keeps a gradient everywhere and puts small rate constants such as k3 = 0.01
+        as close to the logits' origin as large ones.
     depth : int
         Number of pooling levels (4 in the paper).
     root_features : int
@@ -195,13 +198,16 @@ class KineticUNet(nn.Module):
             nn.Conv3d(channels, 4, 3, padding=1),
             nn.Conv3d(4, 4, (n_frames, 1, 1)),
         )
+        self.register_buffer("lower", torch.tensor(lower, dtype=torch.float32).view(1, 4, 1, 1))
+        self.register_buffer("upper", torch.tensor(upper, dtype=torch.float32).view(1, 4, 1, 1))
         # Start the outputs at typical FDG values instead of near 0: below the K1, k2, k3
         # floors a clamp passes no gradient, and a multi-clamp network started there
         # stayed at its floors in our demo training.
+        start = torch.tensor(INITIAL_PARAMETERS)
+        if activation == "sigmoid":
+            start = bounded_logit(start, self.lower.view(4), self.upper.view(4))
         with torch.no_grad():
-            self.head[1].bias.copy_(torch.tensor(INITIAL_PARAMETERS))
-        self.register_buffer("lower", torch.tensor(lower, dtype=torch.float32).view(1, 4, 1, 1))
-        self.register_buffer("upper", torch.tensor(upper, dtype=torch.float32).view(1, 4, 1, 1))
+            self.head[1].bias.copy_(start)
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         for module in self.modules():
             if isinstance(module, nn.Conv3d | nn.ConvTranspose3d):
@@ -232,6 +238,8 @@ class KineticUNet(nn.Module):
     def final_activation(self, logits: torch.Tensor) -> torch.Tensor:
         if self.activation == "abs":
             return logits.abs()
+        if self.activation == "sigmoid":
+            return bounded_sigmoid(logits, self.lower, self.upper)
         if self.activation == "clamp":
             lower, upper = (torch.full_like(self.lower, b) for b in SINGLE_CLAMP)
         else:
@@ -241,6 +249,34 @@ class KineticUNet(nn.Module):
         # Forward: the clamp. Backward: the identity (straight-through), so that a pixel
         # pushed past a bound still feels the loss and can come back.
         return _StraightThroughClamp.apply(logits, lower, upper)
+
+
+def bounded_sigmoid(logits: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
+    """Map logits onto (lower, upper) with a logistic function, per channel.
+
+    A channel whose lower bound is > 0 is mapped geometrically,
+    ``lower * (upper / lower) ** sigmoid(z)``, so that equal steps of the logit are equal
+    relative steps of the parameter (k3 spans two decades, [0.01, 1]); a channel whose
+    lower bound is 0 (Vb) linearly, ``lower + (upper - lower) * sigmoid(z)``.
+    ``lower`` and ``upper`` broadcast against ``logits`` (channels on dim 1).
+    """
+    s = torch.sigmoid(logits)
+    positive = lower > 0
+    safe_lower = torch.where(positive, lower, torch.ones_like(lower))
+    geometric = safe_lower * torch.exp(s * torch.log(upper / safe_lower))
+    linear = lower + (upper - lower) * s
+    # The exact map is inside the bounds; the clamp only removes float rounding at them.
+    return torch.minimum(torch.maximum(torch.where(positive, geometric, linear), lower), upper)
+
+
+def bounded_logit(values: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
+    """The inverse of :func:`bounded_sigmoid` for values strictly inside the bounds."""
+    positive = lower > 0
+    safe_lower = torch.where(positive, lower, torch.ones_like(lower))
+    geometric = torch.log(values / safe_lower) / torch.log(upper / safe_lower)
+    linear = (values - lower) / (upper - lower)
+    s = torch.where(positive, geometric, linear)
+    return torch.log(s) - torch.log1p(-s)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,14 +11,16 @@ from kinpet.kinetics import ki
 from kinpet.network import KineticUNet, slices_to_parameters
 
 
-def predict_slices(model: KineticUNet, tacs, batch_size: int = 8) -> np.ndarray:
+def predict_slices(model: KineticUNet, tacs, batch_size: int = 8, scale: float = 1.0) -> np.ndarray:
     """Parameter maps [S, 4, H, W] (float32) of slices [S, T, H, W] (kBq/ml).
 
     Slices of any size work (the network is fully convolutional): they are zero-padded to
-    a multiple of 2**depth pixels and the padding is cut off again.
+    a multiple of 2**depth pixels and the padding is cut off again. ``scale`` divides the
+    slices first (the subject's input scale, for a network trained with
+    ``scaling="input"``).
     """
     device = next(model.parameters()).device
-    tacs = torch.as_tensor(np.asarray(tacs, dtype=np.float32))
+    tacs = torch.as_tensor(np.asarray(tacs, dtype=np.float32) / np.float32(scale))
     out = np.empty((tacs.shape[0], 4, *tacs.shape[2:]), dtype=np.float32)
     model.eval()
     with torch.inference_mode():
@@ -28,7 +30,14 @@ def predict_slices(model: KineticUNet, tacs, batch_size: int = 8) -> np.ndarray:
     return out
 
 
-def predict_volume(model: KineticUNet, pet, batch_size: int = 8, stream=sys.stderr) -> np.ndarray:
+def volume_slices(pet) -> np.ndarray:
+    """Axial slices [Z, T, Y, X] of a 4-D image [X, Y, Z, T], as the training data has them."""
+    return np.ascontiguousarray(np.transpose(pet, (2, 3, 1, 0)))
+
+
+def predict_volume(
+    model: KineticUNet, pet, batch_size: int = 8, stream=sys.stderr, scale: float = 1.0
+) -> np.ndarray:
     """Parameter maps of every axial slice of a 4D image.
 
     Parameters
@@ -39,6 +48,8 @@ def predict_volume(model: KineticUNet, pet, batch_size: int = 8, stream=sys.stde
         The dynamic image (kBq/ml) on its 2.5 mm grid, z the axial axis.
     batch_size : int
         Slices per forward pass.
+    scale : float
+        Divides the image first (see :func:`predict_slices`).
 
     Returns
     -------
@@ -51,8 +62,8 @@ def predict_volume(model: KineticUNet, pet, batch_size: int = 8, stream=sys.stde
     for z0 in range(0, nz, step):
         z1 = min(nz, z0 + step)
         # Slices as the training data stores them: [S, T, H, W] with H along y, W along x.
-        slab = np.ascontiguousarray(np.transpose(pet[:, :, z0:z1, :], (2, 3, 1, 0)))
-        params = predict_slices(model, slab, batch_size)  # [S, 4, Y, X]
+        slab = volume_slices(pet[:, :, z0:z1, :])
+        params = predict_slices(model, slab, batch_size, scale)  # [S, 4, Y, X]
         per_voxel = np.transpose(params, (3, 2, 0, 1))  # [X, Y, S, 4]
         out[:, :, z0:z1, :4] = per_voxel
         out[:, :, z0:z1, 4] = ki(per_voxel)

@@ -19,11 +19,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kinpet.fitting import frame_weights
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.network import KineticUNet, slices_to_parameters
+
+SCALINGS = ("none", "input")
+LOSS_WEIGHTS = ("none", "duration", "duration_decay")
+SCHEDULES = ("step", "cosine")
+
+
+def input_scale(input_function: InputFunction, frames: FrameSchedule) -> float:
+    """Time average (kBq/ml) of the input function from injection to the scan's end.
+
+    Dividing a subject's TACs and its input by it leaves the kinetic parameters unchanged
+    and puts subjects with different injected doses on one scale.
+    """
+    end = float(frames.starts_s[-1] + frames.durations_s[-1])
+    t = np.linspace(0.0, end, max(int(end), 2) + 1)
+    value = float(np.trapezoid(input_function(t), t) / end)
+    if not value > 0:
+        where = f"{input_function.source}: " if input_function.source else ""
+        raise ValueError(f"{where}the input function is zero over the whole scan")
+    return value
+
+
+def scaled_input(input_function: InputFunction, scale: float) -> InputFunction:
+    """The input function divided by ``scale``."""
+    return InputFunction(
+        input_function.times_s, input_function.values / scale, source=input_function.source
+    )
 
 
 @dataclass
@@ -54,6 +81,26 @@ class TrainSettings:
         CPU threads for torch (None: torch's default).
     amp : bool
         bfloat16 autocast of the network on CUDA (the kinetic model stays float32).
+    scaling : {"none", "input"}
+        "none" (the published code): TACs enter the network and the loss in kBq/ml.
+        "input": each subject's TACs and its input function are divided by the input's
+        time average over the scan (:func:`input_scale`), so that every subject enters at
+        the same scale; the parameters are unchanged by it (the model is linear in the
+        input).
+    loss_weights : {"none", "duration", "duration_decay"}
+        Weight of each frame in the loss (:func:`kinpet.fitting.frame_weights`, mean 1):
+        equal (the published code), proportional to its duration (a frame's noise
+        variance is inversely proportional to its length, so the 2-s frames no longer
+        weigh as much as the 300-s ones), or duration times the F-18 decay factor.
+    schedule : {"step", "cosine"}
+        "step": the learning rate halves every ``halve_every`` epochs (as published);
+        "cosine": a linear warm-up over ``warmup_epochs``, then a cosine decay to 0 at
+        the last epoch (for short budgets).
+    warmup_epochs : int
+        Epochs of linear warm-up of the cosine schedule.
+    flips : bool
+        Random left-right and anterior-posterior flips of each training batch (the
+        kinetics are per pixel, so a flipped slice is as valid a sample).
     """
 
     convolution: str = "space_time"
@@ -70,6 +117,21 @@ class TrainSettings:
     device: str = "auto"
     threads: int | None = None
     amp: bool = False
+    scaling: str = "none"
+    loss_weights: str = "none"
+    schedule: str = "step"
+    warmup_epochs: int = 0
+    flips: bool = False
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("scaling", SCALINGS),
+            ("loss_weights", LOSS_WEIGHTS),
+            ("schedule", SCHEDULES),
+            ("sampling", ("average", "mid", "paper")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
 
 @dataclass
@@ -83,19 +145,28 @@ class SliceSet:
     subject : torch.Tensor, shape [S], int64
         Index into ``models`` of each slice's subject.
     models : list of KineticModel
-        One per subject (its input function; the frames are shared).
+        One per subject (its input function, divided by its scale; the frames are shared).
+    scales : list of float
+        One per subject: ``tacs`` and the models' inputs are the measured values divided
+        by it (1 without scaling).
     """
 
     tacs: torch.Tensor
     subject: torch.Tensor
     models: list = field(default_factory=list)
+    scales: list = field(default_factory=list)
 
     @classmethod
-    def from_subjects(cls, slices, input_functions, frames: FrameSchedule, sampling="average"):
-        """Build from per-subject arrays [S_i, T, H, W] and their input functions."""
+    def from_subjects(
+        cls, slices, input_functions, frames: FrameSchedule, sampling="average", scaling="none"
+    ):
+        """Build from per-subject arrays [S_i, T, H, W] (kBq/ml) and their input functions;
+        ``scaling`` as :class:`TrainSettings`."""
         if len(slices) != len(input_functions):
             raise ValueError("one input function per subject is needed")
-        tacs, subject, models = [], [], []
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, not {scaling!r}")
+        tacs, subject, models, scales = [], [], [], []
         for i, (arr, inp) in enumerate(zip(slices, input_functions, strict=True)):
             arr = np.asarray(arr, dtype=np.float32)
             if arr.ndim != 4 or arr.shape[1] != len(frames):
@@ -104,10 +175,12 @@ class SliceSet:
                 )
             if not isinstance(inp, InputFunction):
                 raise TypeError("input_functions must be kinpet InputFunction objects")
-            tacs.append(torch.from_numpy(arr))
+            scale = input_scale(inp, frames) if scaling == "input" else 1.0
+            tacs.append(torch.from_numpy(arr / np.float32(scale)))
             subject.append(torch.full((arr.shape[0],), i, dtype=torch.int64))
-            models.append(KineticModel(inp, frames, sampling))
-        return cls(torch.cat(tacs), torch.cat(subject), models)
+            models.append(KineticModel(scaled_input(inp, scale), frames, sampling))
+            scales.append(scale)
+        return cls(torch.cat(tacs), torch.cat(subject), models, scales)
 
     def __len__(self) -> int:
         return int(self.tacs.shape[0])
@@ -115,6 +188,10 @@ class SliceSet:
     @property
     def frames(self) -> FrameSchedule:
         return self.models[0].frames
+
+    def slice_scales(self, rows: torch.Tensor) -> torch.Tensor:
+        """Scale of each of these slices, shape [B]."""
+        return torch.tensor(self.scales, dtype=torch.float32)[self.subject[rows]]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -141,11 +218,38 @@ def model_tacs(params: torch.Tensor, subject: torch.Tensor, models) -> torch.Ten
     return out
 
 
-def masked_mse(predicted: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor):
-    """Mean squared error over the masked pixels' frames ([B, T, H, W], mask [B, H, W])."""
+def masked_mse(predicted: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, weights=None):
+    """Mean squared error over the masked pixels' frames ([B, T, H, W], mask [B, H, W]).
+
+    ``weights`` ([T], mean 1, optional) weighs each frame's squared error.
+    """
     weight = mask[:, None].to(predicted.dtype)
     count = weight.sum() * predicted.shape[1]
+    if weights is not None:
+        weight = weight * weights.to(predicted).view(1, -1, 1, 1)
     return ((predicted - measured) ** 2 * weight).sum() / count.clamp(min=1)
+
+
+def random_flips(tacs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip a batch [B, T, H, W] left-right and/or anterior-posterior at random."""
+    flip_h, flip_w = torch.rand(2, generator=generator).tolist()
+    dims = [d for d, u in ((-2, flip_h), (-1, flip_w)) if u < 0.5]
+    return tacs.flip(dims) if dims else tacs
+
+
+def learning_rate_schedule(optimizer, settings: TrainSettings):
+    """The learning-rate schedule of :class:`TrainSettings` (stepped once per epoch)."""
+    if settings.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, settings.halve_every, gamma=0.5)
+    warmup, total = settings.warmup_epochs, settings.epochs
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        span = max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(epoch - warmup, span) / span))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def build_model(settings: TrainSettings) -> KineticUNet:
@@ -168,7 +272,12 @@ def _forward(model, tacs, device, amp: bool, time_padding: str):
 
 
 def evaluate(model, data: SliceSet, settings: TrainSettings, device=None, batch_size=None):
-    """Loss, per-slice cosine similarity and MAE of a model on a slice set."""
+    """Loss, per-slice cosine similarity and MAE of a model on a slice set.
+
+    All three are in measured units (kBq/ml), whatever the scaling and weights of the
+    training loss: the loss is the published one (unweighted masked MSE, (kBq/ml)^2), so
+    that runs with different recipes compare on one scale.
+    """
     device = device or next(model.parameters()).device
     batch_size = batch_size or settings.batch_size
     model.eval()
@@ -177,7 +286,9 @@ def evaluate(model, data: SliceSet, settings: TrainSettings, device=None, batch_
         for rows in torch.arange(len(data)).split(batch_size):
             meas = data.tacs[rows].to(device)
             params = _forward(model, meas, device, settings.amp, "replicate")
-            pred = model_tacs(params, data.subject[rows], data.models)
+            scale = data.slice_scales(rows).to(device).view(-1, 1, 1, 1)
+            pred = model_tacs(params, data.subject[rows], data.models) * scale
+            meas = meas * scale
             mask = activity_mask(meas, data.frames, settings.mask_threshold)
             losses.append(float(masked_mse(pred, meas, mask)))
             weights.append(float(mask.sum()))
@@ -211,6 +322,18 @@ class _Progress:
         self.stream.flush()
 
 
+def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights):
+    """The self-supervised loss of one batch ``meas`` ([B, T, H, W], on the model's device;
+    the slices ``rows`` of ``data``, scaled as ``data``): masked, frame-weighted MSE
+    between the measured and the model TACs of the predicted parameters."""
+    # The paper pads time with zeros in training, replicated frames in validation.
+    params = _forward(model, meas, meas.device, settings.amp, "zeros")
+    pred = model_tacs(params, data.subject[rows], data.models)
+    scale = data.slice_scales(rows).to(meas.device).view(-1, 1, 1, 1)
+    mask = activity_mask(meas * scale, data.frames, settings.mask_threshold)
+    return masked_mse(pred, meas, mask, weights)
+
+
 def train(
     train_set: SliceSet,
     val_set: SliceSet,
@@ -218,12 +341,17 @@ def train(
     out_dir,
     resume: bool = False,
     stream=sys.stderr,
+    monitor=None,
 ) -> dict:
     """Train one ablation; write ``best.pt``, ``last.pt`` and ``log.csv`` into ``out_dir``.
 
     With ``resume=True`` and an existing ``last.pt``, training continues from it with the
     same weights, optimiser, schedule, data order and random state, so the result equals
     an uninterrupted run.
+
+    ``monitor`` (optional, e.g. :func:`kinpet.convergence.monitor_subject`) is called with
+    the network at every validation; its dict, the epoch and the training set's loss in
+    evaluation mode (``train_eval_loss``, the published loss) go to ``monitor.csv``.
 
     Returns
     -------
@@ -237,9 +365,11 @@ def train(
     generator = _seed_everything(settings.seed)
     model = build_model(settings).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, settings.halve_every, gamma=0.5)
+    schedule = learning_rate_schedule(optimizer, settings)
+    weights = torch.as_tensor(frame_weights(train_set.frames, settings.loss_weights)).to(device)
     start_epoch, best = 0, {"val_loss": math.inf, "epoch": -1}
     last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
+    monitor_path = out_dir / "monitor.csv"
     if resume and last_path.exists():
         state = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -249,8 +379,9 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best = state["epoch"] + 1, state["best"]
         print(f"resumed from {last_path} at epoch {start_epoch}", file=stream)
-    elif log_path.exists():
-        log_path.unlink()
+    else:
+        for path in (log_path, monitor_path):
+            path.unlink(missing_ok=True)
     print(
         f"device {device}; {settings.convolution}/{settings.pooling}/{settings.activation}; "
         f"{len(train_set)} training and {len(val_set)} validation slices",
@@ -264,12 +395,10 @@ def train(
         order = torch.randperm(len(train_set), generator=generator)
         running, seen = 0.0, 0
         for b, rows in enumerate(order.split(settings.batch_size)):
-            meas = train_set.tacs[rows].to(device)
-            # The paper pads time with zeros in training, replicated frames in validation.
-            params = _forward(model, meas, device, settings.amp, "zeros")
-            pred = model_tacs(params, train_set.subject[rows], train_set.models)
-            mask = activity_mask(meas, train_set.frames, settings.mask_threshold)
-            loss = masked_mse(pred, meas, mask)
+            meas = train_set.tacs[rows]
+            if settings.flips:
+                meas = random_flips(meas, generator)
+            loss = training_loss(model, meas.to(device), rows, train_set, settings, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -288,13 +417,76 @@ def train(
             if val_loss < best["val_loss"]:
                 best = {"val_loss": val_loss, "epoch": epoch + 1}
                 _save(best_path, model, optimizer, schedule, generator, epoch, best, settings)
-        row["seconds"] = time.perf_counter() - started
+        row["seconds"] = time.perf_counter() - started  # without the monitor's time
+        if validate and monitor is not None:
+            extra = {"epoch": epoch + 1, "train_eval_loss": evaluate(model, train_set, settings)[0]}
+            extra.update(monitor(model))
+            _append_csv(monitor_path, extra, list(extra))
+            model.train()
         _append_csv(log_path, row)
         progress.epoch(epoch, row)
         _save(last_path, model, optimizer, schedule, generator, epoch, best, settings)
     if not best_path.exists():  # no validation data: the last state is the best we have
         _save(best_path, model, optimizer, schedule, generator, settings.epochs - 1, best, settings)
     return {**best, "device": str(device)}
+
+
+def refine(
+    model: KineticUNet,
+    data: SliceSet,
+    settings: TrainSettings,
+    steps: int,
+    learning_rate: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    stream=sys.stderr,
+) -> tuple[KineticUNet, list]:
+    """Self-supervised refinement at test time: fine-tune a copy of ``model`` on ``data``.
+
+    The loss needs no labels, so the network can be fitted to the very slices it is about
+    to predict. Batches are drawn in a seeded random order over the slices with masked
+    pixels (epoch after epoch) for ``steps`` AdamW steps at ``learning_rate`` (default the
+    training's), with the training's loss (scaling, frame weights, mask).
+
+    Returns
+    -------
+    The refined copy (in eval mode; ``model`` is left untouched) and the loss of each step.
+    """
+    import copy
+
+    device = next(model.parameters()).device
+    tuned = copy.deepcopy(model)
+    tuned.train()
+    if steps <= 0:
+        return tuned.eval(), []
+    batch_size = batch_size or settings.batch_size
+    weights = torch.as_tensor(frame_weights(data.frames, settings.loss_weights)).to(device)
+    scales = data.slice_scales(torch.arange(len(data))).view(-1, 1, 1, 1)
+    active = activity_mask(data.tacs * scales, data.frames, settings.mask_threshold)
+    usable = active.flatten(1).any(dim=1).nonzero().flatten()
+    if not len(usable):
+        raise ValueError("refinement: no slice has pixels above the activity threshold")
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=learning_rate or settings.learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    losses, order = [], torch.empty(0, dtype=torch.int64)
+    started = time.perf_counter()
+    for step in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, usable[torch.randperm(len(usable), generator=generator)]])
+        rows, order = order[:batch_size], order[batch_size:]
+        loss = training_loss(tuned, data.tacs[rows].to(device), rows, data, settings, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % max(steps // 10, 1) == 0 or step + 1 == steps:
+            print(
+                f"refinement step {step + 1}/{steps}: loss {np.mean(losses[-10:]):.4g} "
+                f"({time.perf_counter() - started:.0f} s)",
+                file=stream,
+                flush=True,
+            )
+    return tuned.eval(), losses
 
 
 def _save(path, model, optimizer, schedule, generator, epoch, best, settings):
@@ -313,8 +505,10 @@ def _save(path, model, optimizer, schedule, generator, epoch, best, settings):
     tmp.replace(path)
 
 
-def _append_csv(path: Path, row: dict):
-    columns = ["epoch", "lr", "train_loss", "val_loss", "val_cs", "val_mae", "seconds"]
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_cs", "val_mae", "seconds"]
+
+
+def _append_csv(path: Path, row: dict, columns=LOG_COLUMNS):
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

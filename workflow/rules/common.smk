@@ -74,6 +74,11 @@ TRAINING_SETTINGS = {
         "seed",
         "device",
         "amp",
+        "scaling",
+        "loss_weights",
+        "schedule",
+        "warmup_epochs",
+        "flips",
     )
     if key in TRAINING
 }
@@ -158,6 +163,32 @@ if FIGURE_SUBJECT is not None and FIGURE_SUBJECT not in SPLIT["test"]:
 FIGURE4_METHOD = "curve_fit" if "curve_fit" in FIT["methods"] else FIT["methods"][0]
 
 
+MONITOR = bool(
+    TRAINING.get("monitor") and DATA["source"] == "phantom" and SPLIT["test"]
+)
+
+
+def monitor_inputs(wildcards):
+    """Files of the convergence study's monitor (training.monitor, phantom only): the
+    first test subject's image, labels, input, frames and true maps."""
+    if not MONITOR:
+        return {}
+    subject = SPLIT["test"][0]
+    pre = f"results/preprocessed/{subject}"
+    return {
+        "monitor_pet": f"{pre}/pet_2p5mm.nii.gz",
+        "monitor_labels": f"{pre}/labels_2p5mm.nii.gz",
+        "monitor_labels_tsv": f"{pre}/labels.tsv",
+        "monitor_blood": f"{pre}/input_blood.tsv",
+        "monitor_pet_json": f"{pre}/pet.json",
+        "monitor_truth": expand(
+            "results/evaluation/truth/{subject}/{subject}_desc-{name}_truth.nii.gz",
+            subject=subject,
+            name=TRUTH_NAMES,
+        ),
+    }
+
+
 def job_threads(name):
     """Threads a job of rule ``name`` gets (its threads, profile overrides included, capped
     by --cores); None when they depend on the job."""
@@ -209,6 +240,10 @@ def evaluation_outputs():
         for name in ("figure2", "figure3", "figure4")
         for ext in ("png", "pdf")
     ]
+    if MONITOR:
+        outputs += [f"results/figures/convergence.{ext}" for ext in ("png", "pdf")] + [
+            "results/tables/convergence.csv"
+        ]
     if DATA["source"] == "phantom":
         outputs += [
             f"results/tables/{name}.{ext}"

@@ -248,3 +248,28 @@ rule truth_recovery:
         erode_voxels=EVALUATION["erode_voxels"],
     script:
         "../scripts/truth_recovery.py"
+
+
+rule convergence:
+    input:
+        logs=expand("results/training/{ablation}/log.csv", ablation=list(ABLATIONS)),
+        monitors=expand(
+            "results/training/{ablation}/monitor.csv", ablation=list(ABLATIONS)
+        ),
+    output:
+        png=report(
+            "results/figures/convergence.png",
+            caption="../report/convergence.rst",
+            category="Phantom truth",
+        ),
+        pdf="results/figures/convergence.pdf",
+        csv="results/tables/convergence.csv",
+    log:
+        "logs/convergence.log",
+    conda:
+        "../../envs/kinpet.yaml"
+    params:
+        ablations=list(ABLATIONS),
+        organs=[o for o in EVALUATION["organs"] if o != "lungs"],
+    script:
+        "../scripts/convergence.py"

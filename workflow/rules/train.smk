@@ -3,6 +3,7 @@
 
 rule train:
     input:
+        unpack(monitor_inputs),
         train=expand("results/slices/{subject}.npz", subject=SPLIT["train"]),
         train_blood=expand(
             "results/preprocessed/{subject}/input_blood.tsv", subject=SPLIT["train"]
@@ -16,6 +17,7 @@ rule train:
         best="results/training/{ablation}/best.pt",
         last="results/training/{ablation}/last.pt",
         log="results/training/{ablation}/log.csv",
+        monitor="results/training/{ablation}/monitor.csv",
     log:
         "logs/train/{ablation}.log",
     benchmark:
@@ -30,6 +32,8 @@ rule train:
     params:
         ablation=lambda wildcards: ABLATIONS[wildcards.ablation],
         settings=TRAINING_SETTINGS,
+        monitor_organs=EVALUATION["organs"],
+        erode_voxels=EVALUATION["erode_voxels"],
     script:
         "../scripts/train.py"
 
@@ -61,5 +65,7 @@ rule predict:
     params:
         sampling=TRAINING_SETTINGS["sampling"],
         mask_threshold=TRAINING_SETTINGS["mask_threshold"],
+        refine_steps=TRAINING.get("refine_steps", 0),
+        refine_learning_rate=TRAINING.get("refine_learning_rate"),
     script:
         "../scripts/predict.py"

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -12,8 +13,8 @@ from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
-from kinpet.prediction import predict_volume
-from kinpet.training import load_model
+from kinpet.prediction import predict_volume, volume_slices
+from kinpet.training import SliceSet, input_scale, load_model, refine
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
@@ -25,12 +26,31 @@ pet_img = nib.load(sm.input.pet)
 pet = np.asarray(pet_img.dataobj, dtype=np.float32)
 labels = np.asarray(nib.load(sm.input.labels).dataobj)
 frames = FrameSchedule.from_bids_json(sm.input.pet_json)
-maps = predict_volume(model, pet, stream=sys.stderr)
+input_function = InputFunction.from_blood_tsv(sm.input.blood)
 body = labels > 0
+scale = input_scale(input_function, frames) if settings.scaling == "input" else 1.0
+if sm.params.refine_steps:
+    # Self-supervised refinement on this subject's own body slices before predicting.
+    body_z = np.flatnonzero(body.any(axis=(0, 1)))
+    own = SliceSet.from_subjects(
+        [volume_slices(pet)[body_z]], [input_function], frames, settings.sampling, settings.scaling
+    )
+    started = time.perf_counter()
+    model, losses = refine(
+        model,
+        own,
+        settings,
+        sm.params.refine_steps,
+        sm.params.refine_learning_rate,
+        seed=settings.seed,
+        stream=sys.stderr,
+    )
+    print(f"refinement: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+maps = predict_volume(model, pet, stream=sys.stderr, scale=scale)
 maps[~body] = np.nan  # outside the body there is nothing to model
 
 # Per-slice agreement of measured and model TACs over the masked pixels (Fig. 3a).
-kinetic = KineticModel(InputFunction.from_blood_tsv(sm.input.blood), frames, sm.params.sampling)
+kinetic = KineticModel(input_function, frames, sm.params.sampling)
 rows = []
 for z in range(pet.shape[2]):
     measured = np.transpose(pet[:, :, z, :], (2, 0, 1))[None]  # [1, T, X, Y]

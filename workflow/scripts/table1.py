@@ -32,7 +32,12 @@ with atomic_path(sm.output.csv) as tmp:
     table.to_csv(tmp, index=False)  # full precision (repr of each float)
 
 names = {"3d": "3D", "space_time": "space + time", "space": "space"}
-activations = {"abs": "Absolute", "clamp": "Clamp", "multi_clamp": "Multi-clamp"}
+activations = {
+    "abs": "Absolute",
+    "clamp": "Clamp",
+    "multi_clamp": "Multi-clamp",
+    "sigmoid": "Sigmoid (kinpet)",
+}
 shown = pd.DataFrame(
     {
         "ablation": table["ablation"],

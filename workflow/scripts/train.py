@@ -1,17 +1,23 @@
 """Train one ablation of the kinetic UNet on the training slices."""
 
 import sys
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
+from kinpet.convergence import loss_floor, masked_curves, monitor_subject, pooled_floor
+from kinpet.evaluation import organ_indices
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import read_slices
-from kinpet.training import SliceSet, TrainSettings, pick_device, train
+from kinpet.io import read_label_table, read_slices
+from kinpet.training import SliceSet, TrainSettings, input_scale, pick_device, train
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
 
 
-def load(npz_paths, blood_paths, sampling):
+def load(npz_paths, blood_paths, sampling, scaling):
     slices, inputs, frames = [], [], None
     for npz, blood in zip(npz_paths, blood_paths, strict=True):
         data = read_slices(npz)
@@ -21,7 +27,47 @@ def load(npz_paths, blood_paths, sampling):
             raise ValueError(f"{npz}: frame schedule differs from the other subjects'")
         frames = these
         inputs.append(InputFunction.from_blood_tsv(blood))
-    return SliceSet.from_subjects(slices, inputs, frames, sampling)
+    return SliceSet.from_subjects(slices, inputs, frames, sampling, scaling), slices, inputs
+
+
+def floor_of(slices, inputs, frames, settings):
+    """The fast fitter's loss floor over the masked pixels of these subjects' slices."""
+    floors, counts = [], []
+    for tacs, inp in zip(slices, inputs, strict=True):
+        curves = masked_curves(tacs, frames, settings.mask_threshold)
+        floors.append(loss_floor(curves, inp, frames, settings.sampling))
+        counts.append(len(curves))
+    return pooled_floor(floors, counts)
+
+
+def make_monitor(inp, settings, train_data, val_data):
+    """The convergence study's monitor of the first test subject (phantom only)."""
+    frames = FrameSchedule.from_bids_json(inp.monitor_pet_json)
+    aif = InputFunction.from_blood_tsv(inp.monitor_blood)
+    names = read_label_table(inp.monitor_labels_tsv)
+    truth = {
+        Path(p).name.split("_desc-")[1].split("_")[0]: np.asarray(nib.load(p).dataobj, np.float32)
+        for p in inp.monitor_truth
+    }
+    scale = input_scale(aif, frames) if settings.scaling == "input" else 1.0
+    watch = monitor_subject(
+        np.asarray(nib.load(inp.monitor_pet).dataobj, dtype=np.float32),
+        np.asarray(nib.load(inp.monitor_labels).dataobj),
+        organ_indices(names, sm.params.monitor_organs, source=inp.monitor_labels_tsv),
+        truth,
+        aif,
+        frames,
+        settings.sampling,
+        settings.mask_threshold,
+        sm.params.erode_voxels,
+        scale,
+    )
+    floors = {
+        "train_floor": floor_of(*train_data, frames, settings),
+        "val_floor": floor_of(*val_data, frames, settings) if val_data[0] else np.nan,
+    }
+    print(f"loss floors (fast fitter): {floors}", file=sys.stderr)
+    return lambda network: {**floors, **watch(network)}
 
 
 settings = TrainSettings(**{**sm.params.settings, **sm.params.ablation, "threads": sm.threads})
@@ -29,8 +75,19 @@ print(
     f"device: {pick_device(settings.device)} (CUDA visible: {pick_device('auto').type == 'cuda'})",
     file=sys.stderr,
 )
-train_set = load(sm.input.train, sm.input.train_blood, settings.sampling)
-val_set = load(sm.input.validation, sm.input.validation_blood, settings.sampling)
+train_set, *train_raw = load(
+    sm.input.train, sm.input.train_blood, settings.sampling, settings.scaling
+)
+val_set, *val_raw = load(
+    sm.input.validation, sm.input.validation_blood, settings.sampling, settings.scaling
+)
+monitor = None
+if "monitor_pet" in sm.input.keys():
+    monitor = make_monitor(sm.input, settings, train_raw, val_raw)
 out_dir = sm.output.best.rsplit("/", 1)[0]
-result = train(train_set, val_set, settings, out_dir, resume=True, stream=sys.stderr)
+result = train(
+    train_set, val_set, settings, out_dir, resume=True, stream=sys.stderr, monitor=monitor
+)
+if monitor is None:
+    Path(sm.output.monitor).write_text("epoch\n")  # nothing monitored: a header only
 print(f"best validation loss {result['val_loss']:.6g} at epoch {result['epoch']}", file=sys.stderr)
