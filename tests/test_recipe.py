@@ -110,6 +110,17 @@ def test_scaling_leaves_the_parameters_and_the_published_loss_unchanged():
     assert loss_scaled == pytest.approx(by_hand, rel=1e-4)
 
 
+def loss_by_hand(net, slices, inp):
+    """Squared errors [N, T] of the masked pixels: the network run on zero-padded frames,
+    the model by kinpet.kinetics in float64, the paper's mask (area > 10 kBq/ml min)."""
+    with torch.no_grad():
+        x = torch.nn.functional.pad(torch.from_numpy(slices).unsqueeze(1), (0, 0, 0, 0, 1, 1))
+        params = net(x).permute(0, 2, 3, 1).double().numpy()
+    pred = irreversible_2tc(params, inp, FRAMES).transpose(0, 3, 1, 2)
+    mask = np.trapezoid(slices, FRAMES.mids_min, axis=1) > 10.0
+    return ((pred - slices) ** 2).transpose(0, 2, 3, 1)[mask]
+
+
 def test_published_recipe_loss_is_the_plain_masked_mse():
     slices, inp, _ = subject(1)
     data = SliceSet.from_subjects([slices], [inp], FRAMES)
@@ -121,13 +132,7 @@ def test_published_recipe_loss_is_the_plain_masked_mse():
     rows = torch.arange(2)
     weights = torch.as_tensor(frame_weights(FRAMES, settings.loss_weights))
     loss = training_loss(net, data.tacs, rows, data, settings, weights).item()
-    with torch.no_grad():
-        x = torch.nn.functional.pad(data.tacs.unsqueeze(1), (0, 0, 0, 0, 1, 1))  # zeros
-        params = net(x).permute(0, 2, 3, 1).double().numpy()
-    pred = irreversible_2tc(params, inp, FRAMES).transpose(0, 3, 1, 2)
-    mask = np.trapezoid(slices, FRAMES.mids_min, axis=1) > 10.0
-    by_hand = np.mean(((pred - slices) ** 2).transpose(0, 2, 3, 1)[mask])
-    assert loss == pytest.approx(by_hand, rel=1e-4)
+    assert loss == pytest.approx(loss_by_hand(net, slices, inp).mean(), rel=1e-4)
 
 
 def test_duration_weights_weigh_frames_by_their_length():
@@ -139,12 +144,7 @@ def test_duration_weights_weigh_frames_by_their_length():
     w = torch.as_tensor(frame_weights(FRAMES, "duration"))
     assert w.mean().item() == pytest.approx(1.0)
     loss = training_loss(net, data.tacs, torch.arange(2), data, settings, w).item()
-    with torch.no_grad():
-        x = torch.nn.functional.pad(data.tacs.unsqueeze(1), (0, 0, 0, 0, 1, 1))
-        params = net(x).permute(0, 2, 3, 1).double().numpy()
-    pred = irreversible_2tc(params, inp, FRAMES).transpose(0, 3, 1, 2)
-    mask = np.trapezoid(slices, FRAMES.mids_min, axis=1) > 10.0
-    sq = ((pred - slices) ** 2).transpose(0, 2, 3, 1)[mask]  # [N, T]
+    sq = loss_by_hand(net, slices, inp)
     durations = FRAMES.durations_s / FRAMES.durations_s.mean()
     assert loss == pytest.approx(np.mean(sq * durations), rel=1e-4)
 
