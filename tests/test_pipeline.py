@@ -107,6 +107,10 @@ def test_tiny_training_and_prediction(tiny_run):
     assert list(log.epoch) == [1, 2] and log.val_loss.notna().all()
     assert (tiny_run / "results/training/4.1/best.pt").exists()
     assert "device: cpu" in (tiny_run / "logs/train/4.1.log").read_text()
+    # No monitor asked for: its table is a header only. The refinement ran before predict.
+    assert (tiny_run / "results/training/4.1/monitor.csv").read_text() == "epoch\n"
+    predict_log = (tiny_run / "logs/predict/4.1/sub-04.log").read_text()
+    assert "refinement step 2/2" in predict_log and "refinement: " in predict_log
     pet = nib.load(tiny_run / "results/preprocessed/sub-04/pet_2p5mm.nii.gz")
     labels = np.asarray(
         nib.load(tiny_run / "results/preprocessed/sub-04/labels_2p5mm.nii.gz").dataobj
