@@ -15,6 +15,7 @@ module gives the two references the study plots the network against:
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ from kinpet.fitting import fit
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import KineticModel
+from kinpet.metrics import activity_mask
 from kinpet.prediction import predict_volume
 
 MAP_NAMES = ("K1", "k2", "k3", "Vb", "Ki")
@@ -52,9 +54,15 @@ def masked_curves(tacs: np.ndarray, frames: FrameSchedule, threshold: float) -> 
     """The curves [N, T] of the pixels of slices [S, T, H, W] whose area exceeds
     ``threshold`` (kBq/ml x min; the loss's mask)."""
     tacs = np.asarray(tacs, dtype=np.float32)
-    curves = np.moveaxis(tacs, 1, -1).reshape(-1, tacs.shape[1])
-    area = np.trapezoid(curves, frames.mids_min, axis=1)
-    return curves[area > threshold]
+    return np.moveaxis(tacs, 1, -1)[activity_mask(tacs, frames, threshold)]
+
+
+def _fast_fit(curves, input_function, frames, sampling):
+    """The fast fitter's unweighted fits of curves [N, T], and their parameters with the
+    curves it could not fit set to the lower bounds (so that they still have a model)."""
+    result = fit(curves, input_function, frames, method="fast", weights="none", sampling=sampling)
+    filled = np.where(np.isfinite(result.params), result.params, [0.01, 0.01, 0.01, 0.0])
+    return result, filled
 
 
 def loss_floor(
@@ -75,8 +83,7 @@ def loss_floor(
         Mean squared error (kBq/ml)^2 of the unweighted voxel-wise fits; curves the fitter
         cannot fit count with their model at the lower bounds.
     """
-    result = fit(curves, input_function, frames, method="fast", weights="none", sampling=sampling)
-    params = np.where(np.isfinite(result.params), result.params, [0.01, 0.01, 0.01, 0.0])
+    _, params = _fast_fit(curves, input_function, frames, sampling)
     return published_loss(curves, params, KineticModel(input_function, frames, sampling))
 
 
@@ -130,12 +137,11 @@ def monitor_subject(
         the same for the fast fitter's maps, prefixed ``fast_``.
     """
     body = labels > 0
-    curves = pet[body]
-    keep = np.trapezoid(curves, frames.mids_min, axis=1) > mask_threshold
+    curves = pet[body]  # [N, T]
+    keep = activity_mask(curves.T[:, :, None], frames, mask_threshold)[:, 0]
     measured = curves[keep]
     model = KineticModel(input_function, frames, sampling)
-    fitted = fit(measured, input_function, frames, method="fast", weights="none", sampling=sampling)
-    fast_params = np.where(np.isfinite(fitted.params), fitted.params, [0.01, 0.01, 0.01, 0.0])
+    fitted, fast_params = _fast_fit(measured, input_function, frames, sampling)
     reference = {"test_floor": published_loss(measured, fast_params, model)}
     fast_maps = np.full((*labels.shape, 5), np.nan, dtype=np.float32)
     body_values = np.full((int(body.sum()), 5), np.nan, dtype=np.float32)
@@ -145,7 +151,7 @@ def monitor_subject(
     reference.update(_organ_errors(fast_maps, truth, labels, organs, erode_voxels, "fast_"))
 
     def monitor(network) -> dict:
-        maps = predict_volume(network, pet, stream=_Silent(), scale=scale)
+        maps = predict_volume(network, pet, stream=io.StringIO(), scale=scale)
         maps[~body] = np.nan
         row = {"test_loss": published_loss(measured, maps[body][keep][:, :4], model)}
         row.update(reference)
@@ -164,14 +170,6 @@ def _organ_errors(maps, truth, labels, organs, erode_voxels, prefix="") -> dict:
         row[f"{prefix}{rec.organ}_{rec.parameter}_bias_pct"] = rec.bias_pct
         row[f"{prefix}{rec.organ}_{rec.parameter}_rmse_pct"] = rec.rmse_pct
     return row
-
-
-class _Silent:
-    def write(self, text):
-        return len(text)
-
-    def flush(self):
-        pass
 
 
 def learning_curves(log: pd.DataFrame, monitor: pd.DataFrame) -> pd.DataFrame:

@@ -365,6 +365,12 @@ def smoothness_figure(
     return fig
 
 
+def _epoch_line(ax, run: pd.DataFrame, column: str, style: str, colour, label: str) -> None:
+    """One learning curve: ``column`` of ``run`` against its epoch, where it has values."""
+    rows = run[run[column].notna()]
+    ax.plot(rows["epoch"], rows[column], style, color=colour, marker=".", label=label)
+
+
 def convergence_figure(curves: pd.DataFrame, organs: Sequence[str]) -> Figure:
     """Learning curves of the convergence study (:func:`kinpet.convergence.learning_curves`).
 
@@ -383,29 +389,13 @@ def convergence_figure(curves: pd.DataFrame, organs: Sequence[str]) -> Figure:
         for name, colour in loss_colours.items():
             column = f"{name}_ratio"
             if column in run and run[column].notna().any():
-                rows = run[run[column].notna()]
-                axes[0].plot(
-                    rows["epoch"],
-                    rows[column],
-                    style,
-                    color=colour,
-                    marker=".",
-                    label=f"{name} ({ablation})",
-                )
+                _epoch_line(axes[0], run, column, style, colour, f"{name} ({ablation})")
         for ax, parameter in zip(axes[1:], ("K1", "Ki"), strict=True):
             for colour, organ in zip(colours, organs, strict=False):
                 column = f"{organ}_{parameter}_bias_pct"
                 if column not in run:
                     continue
-                rows = run[run[column].notna()]
-                ax.plot(
-                    rows["epoch"],
-                    rows[column],
-                    style,
-                    color=colour,
-                    marker=".",
-                    label=f"{organ} ({ablation})",
-                )
+                _epoch_line(ax, run, column, style, colour, f"{organ} ({ablation})")
                 fast = run.get(f"fast_{column}")
                 if k == 0 and fast is not None and fast.notna().any():
                     ax.axhline(fast.dropna().iloc[0], color=colour, linestyle=(0, (4, 3)), lw=0.8)

@@ -251,6 +251,14 @@ class KineticUNet(nn.Module):
         return _StraightThroughClamp.apply(logits, lower, upper)
 
 
+def _bound_geometry(lower: torch.Tensor, upper: torch.Tensor):
+    """Which channels map geometrically (lower > 0), their lower bounds (1 elsewhere, to
+    keep the logarithms finite) and log(upper / lower)."""
+    positive = lower > 0
+    safe_lower = torch.where(positive, lower, torch.ones_like(lower))
+    return positive, safe_lower, torch.log(upper / safe_lower)
+
+
 def bounded_sigmoid(logits: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
     """Map logits onto (lower, upper) with a logistic function, per channel.
 
@@ -261,9 +269,8 @@ def bounded_sigmoid(logits: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
     ``lower`` and ``upper`` broadcast against ``logits`` (channels on dim 1).
     """
     s = torch.sigmoid(logits)
-    positive = lower > 0
-    safe_lower = torch.where(positive, lower, torch.ones_like(lower))
-    geometric = safe_lower * torch.exp(s * torch.log(upper / safe_lower))
+    positive, safe_lower, log_span = _bound_geometry(lower, upper)
+    geometric = safe_lower * torch.exp(s * log_span)
     linear = lower + (upper - lower) * s
     # The exact map is inside the bounds; the clamp only removes float rounding at them.
     return torch.minimum(torch.maximum(torch.where(positive, geometric, linear), lower), upper)
@@ -271,9 +278,8 @@ def bounded_sigmoid(logits: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
 
 def bounded_logit(values: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
     """The inverse of :func:`bounded_sigmoid` for values strictly inside the bounds."""
-    positive = lower > 0
-    safe_lower = torch.where(positive, lower, torch.ones_like(lower))
-    geometric = torch.log(values / safe_lower) / torch.log(upper / safe_lower)
+    positive, safe_lower, log_span = _bound_geometry(lower, upper)
+    geometric = torch.log(values / safe_lower) / log_span
     linear = (values - lower) / (upper - lower)
     s = torch.where(positive, geometric, linear)
     return torch.log(s) - torch.log1p(-s)

@@ -8,6 +8,7 @@ low-activity mask). No labels are needed: the kinetic model is the teacher.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import random
@@ -44,6 +45,13 @@ def input_scale(input_function: InputFunction, frames: FrameSchedule) -> float:
         where = f"{input_function.source}: " if input_function.source else ""
         raise ValueError(f"{where}the input function is zero over the whole scan")
     return value
+
+
+def subject_scale(input_function: InputFunction, frames: FrameSchedule, scaling: str) -> float:
+    """What a subject's TACs and input are divided by under ``scaling`` (TrainSettings)."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, not {scaling!r}")
+    return input_scale(input_function, frames) if scaling == "input" else 1.0
 
 
 def scaled_input(input_function: InputFunction, scale: float) -> InputFunction:
@@ -164,8 +172,6 @@ class SliceSet:
         ``scaling`` as :class:`TrainSettings`."""
         if len(slices) != len(input_functions):
             raise ValueError("one input function per subject is needed")
-        if scaling not in SCALINGS:
-            raise ValueError(f"scaling must be one of {SCALINGS}, not {scaling!r}")
         tacs, subject, models, scales = [], [], [], []
         for i, (arr, inp) in enumerate(zip(slices, input_functions, strict=True)):
             arr = np.asarray(arr, dtype=np.float32)
@@ -175,7 +181,7 @@ class SliceSet:
                 )
             if not isinstance(inp, InputFunction):
                 raise TypeError("input_functions must be kinpet InputFunction objects")
-            scale = input_scale(inp, frames) if scaling == "input" else 1.0
+            scale = subject_scale(inp, frames, scaling)
             tacs.append(torch.from_numpy(arr / np.float32(scale)))
             subject.append(torch.full((arr.shape[0],), i, dtype=torch.int64))
             models.append(KineticModel(scaled_input(inp, scale), frames, sampling))
@@ -322,6 +328,11 @@ class _Progress:
         self.stream.flush()
 
 
+def loss_weights(frames: FrameSchedule, settings: TrainSettings, device) -> torch.Tensor:
+    """The frame weights [T] of the training loss, on ``device``."""
+    return torch.as_tensor(frame_weights(frames, settings.loss_weights)).to(device)
+
+
 def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights):
     """The self-supervised loss of one batch ``meas`` ([B, T, H, W], on the model's device;
     the slices ``rows`` of ``data``, scaled as ``data``): masked, frame-weighted MSE
@@ -366,7 +377,7 @@ def train(
     model = build_model(settings).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
     schedule = learning_rate_schedule(optimizer, settings)
-    weights = torch.as_tensor(frame_weights(train_set.frames, settings.loss_weights)).to(device)
+    weights = loss_weights(train_set.frames, settings, device)
     start_epoch, best = 0, {"val_loss": math.inf, "epoch": -1}
     last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
     monitor_path = out_dir / "monitor.csv"
@@ -452,15 +463,13 @@ def refine(
     -------
     The refined copy (in eval mode; ``model`` is left untouched) and the loss of each step.
     """
-    import copy
-
     device = next(model.parameters()).device
     tuned = copy.deepcopy(model)
     tuned.train()
     if steps <= 0:
         return tuned.eval(), []
     batch_size = batch_size or settings.batch_size
-    weights = torch.as_tensor(frame_weights(data.frames, settings.loss_weights)).to(device)
+    weights = loss_weights(data.frames, settings, device)
     scales = data.slice_scales(torch.arange(len(data))).view(-1, 1, 1, 1)
     active = activity_mask(data.tacs * scales, data.frames, settings.mask_threshold)
     usable = active.flatten(1).any(dim=1).nonzero().flatten()

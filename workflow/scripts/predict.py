@@ -14,7 +14,7 @@ from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.prediction import predict_volume, volume_slices
-from kinpet.training import SliceSet, input_scale, load_model, refine
+from kinpet.training import SliceSet, load_model, refine, subject_scale
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
@@ -28,12 +28,16 @@ labels = np.asarray(nib.load(sm.input.labels).dataobj)
 frames = FrameSchedule.from_bids_json(sm.input.pet_json)
 input_function = InputFunction.from_blood_tsv(sm.input.blood)
 body = labels > 0
-scale = input_scale(input_function, frames) if settings.scaling == "input" else 1.0
+scale = subject_scale(input_function, frames, settings.scaling)
 if sm.params.refine_steps:
     # Self-supervised refinement on this subject's own body slices before predicting.
     body_z = np.flatnonzero(body.any(axis=(0, 1)))
     own = SliceSet.from_subjects(
-        [volume_slices(pet)[body_z]], [input_function], frames, settings.sampling, settings.scaling
+        [volume_slices(pet[:, :, body_z])],
+        [input_function],
+        frames,
+        settings.sampling,
+        settings.scaling,
     )
     started = time.perf_counter()
     model, losses = refine(

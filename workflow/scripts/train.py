@@ -11,7 +11,7 @@ from kinpet.evaluation import organ_indices
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import read_label_table, read_slices
-from kinpet.training import SliceSet, TrainSettings, input_scale, pick_device, train
+from kinpet.training import SliceSet, TrainSettings, pick_device, subject_scale, train
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
@@ -49,7 +49,7 @@ def make_monitor(inp, settings, train_data, val_data):
         Path(p).name.split("_desc-")[1].split("_")[0]: np.asarray(nib.load(p).dataobj, np.float32)
         for p in inp.monitor_truth
     }
-    scale = input_scale(aif, frames) if settings.scaling == "input" else 1.0
+    scale = subject_scale(aif, frames, settings.scaling)
     watch = monitor_subject(
         np.asarray(nib.load(inp.monitor_pet).dataobj, dtype=np.float32),
         np.asarray(nib.load(inp.monitor_labels).dataobj),
