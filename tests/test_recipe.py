@@ -13,6 +13,7 @@ from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, irreversible_2tc
 from kinpet.network import INITIAL_PARAMETERS, KineticUNet, bounded_logit, bounded_sigmoid
 from kinpet.prediction import predict_slices
+from kinpet.refinement import refine
 from kinpet.training import (
     SliceSet,
     TrainSettings,
@@ -21,7 +22,6 @@ from kinpet.training import (
     input_scale,
     learning_rate_schedule,
     random_flips,
-    refine,
     training_loss,
 )
 

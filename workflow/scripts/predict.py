@@ -14,7 +14,8 @@ from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.prediction import predict_volume, volume_slices
-from kinpet.training import SliceSet, load_model, refine, subject_scale
+from kinpet.refinement import refine
+from kinpet.training import SliceSet, load_model, subject_scale
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
