@@ -106,6 +106,7 @@ def monitor_subject(
     mask_threshold: float = 10.0,
     erode_voxels: int = 1,
     scale: float = 1.0,
+    projection=None,
 ):
     """A function ``monitor(network) -> dict`` scoring a network on one phantom subject.
 
@@ -127,6 +128,9 @@ def monitor_subject(
         Erosion of the organ masks (as the truth-recovery table).
     scale : float
         The subject's input scale, for a network trained with ``scaling="input"``.
+    projection : callable, optional
+        For a network trained with ``projection=True``
+        (:func:`kinpet.training.subject_projection`).
 
     Returns
     -------
@@ -151,7 +155,9 @@ def monitor_subject(
     reference.update(_organ_errors(fast_maps, truth, labels, organs, erode_voxels, "fast_"))
 
     def monitor(network) -> dict:
-        maps = predict_volume(network, pet, stream=io.StringIO(), scale=scale)
+        maps = predict_volume(
+            network, pet, stream=io.StringIO(), scale=scale, projection=projection
+        )
         maps[~body] = np.nan
         row = {"test_loss": published_loss(measured, maps[body][keep][:, :4], model)}
         row.update(reference)

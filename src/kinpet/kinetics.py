@@ -140,16 +140,34 @@ class KineticModel:
         tac = torch.cat(parts, dim=1) if len(parts) != 1 else parts[0]
         return tac.transpose(0, 1).reshape(*batch_shape, self.n_frames)
 
+    def basis(self, beta: torch.Tensor) -> torch.Tensor:
+        """The model's three curves A, I and E_beta per frame, shape [..., n_frames, 3].
+
+        C = Vb A + (1 - Vb) K1/beta (k3 I + k2 E_beta) is linear in them for a given
+        beta = k2 + k3 (used by :mod:`kinpet.projection`). ``beta`` (1/min) has any shape.
+        """
+        flat = beta.reshape(-1)
+        c = self._constants(flat.device, flat.dtype)
+        parts = []
+        for chunk in flat.split(_CHUNK_VOXELS):
+            blood, rate, conv = self._curves(chunk, c)
+            shared = torch.stack([blood, rate], dim=1)[:, :, None].expand(-1, -1, chunk.shape[0])
+            parts.append(torch.cat([shared, conv[:, None]], dim=1))  # [T, 3, n]
+        curves = torch.cat(parts, dim=2) if len(parts) != 1 else parts[0]
+        return curves.permute(2, 0, 1).reshape(*beta.shape, self.n_frames, 3)
+
+    def _curves(self, beta: torch.Tensor, c: dict):
+        """A [T], I [T] and E_beta [T, n] of the sampling mode."""
+        if self.sampling == "paper":
+            rate, conv = _paper_convolutions(beta, c)
+            return c["a_at_starts"], rate, conv
+        return c["a_values"], c["i_values"], _exponential_convolution(beta, c, self.sampling)
+
     def _frames_by_voxel(self, flat: torch.Tensor, c: dict) -> torch.Tensor:
         k1, k2, k3, vb = flat.unbind(-1)
         beta = k2 + k3
         tissue_scale = (1 - vb) * k1 / beta
-        if self.sampling == "paper":
-            rate, conv = _paper_convolutions(beta, c)
-            blood = c["a_at_starts"]
-        else:
-            rate, conv = c["i_values"], _exponential_convolution(beta, c, self.sampling)
-            blood = c["a_values"]
+        blood, rate, conv = self._curves(beta, c)
         # C = (1-Vb) K1/beta (k3 I + k2 E) + Vb A, with the voxel-independent I and A terms
         # as one outer product.
         shared = torch.stack([rate, blood], dim=1) @ torch.stack([tissue_scale * k3, vb])
@@ -263,19 +281,22 @@ def _exponential_convolution(beta: torch.Tensor, c: dict, sampling: str) -> torc
     h = c["h_unique"][:, None]
     x = h * beta[None, :]
     phi1, phi2, phi3 = _phi(x)
-    decay = torch.exp(-x)
     gain = h * phi1  # (1 - e^-x) / beta
     source = c["step_source"] @ torch.cat([gain, h * phi2])  # [n_steps, n_voxels]
+    # Rows are taken by unbind, not indexing: the backward of an index into a [n_steps, n]
+    # tensor is a full-size tensor per step, which made the loss's backward pass quadratic
+    # in the number of steps.
+    sources, decays, gains = source.unbind(0), torch.exp(-x).unbind(0), gain.unbind(0)
     e = torch.zeros_like(beta)
     if sampling == "mid":
         wanted = set(c["mid_knots"].tolist())
         at_mids = []
         for j, kind in enumerate(c["step_kind"]):
-            e = torch.addcmul(source[j], decay[kind], e)
+            e = torch.addcmul(sources[j], decays[kind], e)
             if j + 1 in wanted:
                 at_mids.append(e)
         return torch.stack(at_mids)
-    integrals = c["frame_source"] @ torch.cat([h * h * phi2, h * h * phi3])  # [n_frames, n]
+    integrals = (c["frame_source"] @ torch.cat([h * h * phi2, h * h * phi3])).unbind(0)
     sums = []
     acc, current = None, -1
     for j, (kind, frame) in enumerate(zip(c["step_kind"], c["step_frame"], strict=True)):
@@ -284,8 +305,8 @@ def _exponential_convolution(beta: torch.Tensor, c: dict, sampling: str) -> torc
                 sums.append(acc)
             acc, current = (integrals[frame] if frame >= 0 else None), frame
         if frame >= 0:
-            acc = torch.addcmul(acc, gain[kind], e)
-        e = torch.addcmul(source[j], decay[kind], e)
+            acc = torch.addcmul(acc, gains[kind], e)
+        e = torch.addcmul(sources[j], decays[kind], e)
     if acc is not None:
         sums.append(acc)
     return torch.stack(sums) / c["durations"][:, None]

@@ -11,13 +11,17 @@ from kinpet.kinetics import ki
 from kinpet.network import KineticUNet, slices_to_parameters
 
 
-def predict_slices(model: KineticUNet, tacs, batch_size: int = 8, scale: float = 1.0) -> np.ndarray:
+def predict_slices(
+    model: KineticUNet, tacs, batch_size: int = 8, scale: float = 1.0, projection=None
+) -> np.ndarray:
     """Parameter maps [S, 4, H, W] (float32) of slices [S, T, H, W] (kBq/ml).
 
     Slices of any size work (the network is fully convolutional): they are zero-padded to
     a multiple of 2**depth pixels and the padding is cut off again. ``scale`` divides the
     slices first (the subject's input scale, for a network trained with
-    ``scaling="input"``).
+    ``scaling="input"``). ``projection`` (for a network trained with ``projection=True``:
+    :func:`kinpet.training.subject_projection`) maps the network's outputs and the
+    scaled slices to the parameters.
     """
     device = next(model.parameters()).device
     tacs = torch.as_tensor(np.asarray(tacs, dtype=np.float32) / np.float32(scale))
@@ -25,7 +29,10 @@ def predict_slices(model: KineticUNet, tacs, batch_size: int = 8, scale: float =
     model.eval()
     with torch.inference_mode():
         for rows in torch.arange(tacs.shape[0]).split(batch_size):
-            params = slices_to_parameters(model, tacs[rows].to(device))
+            batch = tacs[rows].to(device)
+            params = slices_to_parameters(model, batch)
+            if projection is not None:
+                params = projection(params, batch)
             out[rows.numpy()] = params.float().cpu().numpy()
     return out
 
@@ -36,7 +43,12 @@ def volume_slices(pet) -> np.ndarray:
 
 
 def predict_volume(
-    model: KineticUNet, pet, batch_size: int = 8, stream=sys.stderr, scale: float = 1.0
+    model: KineticUNet,
+    pet,
+    batch_size: int = 8,
+    stream=sys.stderr,
+    scale: float = 1.0,
+    projection=None,
 ) -> np.ndarray:
     """Parameter maps of every axial slice of a 4D image.
 
@@ -50,6 +62,8 @@ def predict_volume(
         Slices per forward pass.
     scale : float
         Divides the image first (see :func:`predict_slices`).
+    projection : callable, optional
+        See :func:`predict_slices`.
 
     Returns
     -------
@@ -63,7 +77,7 @@ def predict_volume(
         z1 = min(nz, z0 + step)
         # Slices as the training data stores them: [S, T, H, W] with H along y, W along x.
         slab = volume_slices(pet[:, :, z0:z1, :])
-        params = predict_slices(model, slab, batch_size, scale)  # [S, 4, Y, X]
+        params = predict_slices(model, slab, batch_size, scale, projection)  # [S, 4, Y, X]
         per_voxel = np.transpose(params, (3, 2, 0, 1))  # [X, Y, S, 4]
         out[:, :, z0:z1, :4] = per_voxel
         out[:, :, z0:z1, 4] = ki(per_voxel)

@@ -9,6 +9,7 @@ low-activity mask). No labels are needed: the kinetic model is the teacher.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import random
 import sys
@@ -25,6 +26,7 @@ from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.network import KineticUNet, slices_to_parameters
+from kinpet.projection import project_maps
 
 SCALINGS = ("none", "input")
 LOSS_WEIGHTS = ("none", "duration", "duration_decay")
@@ -108,6 +110,11 @@ class TrainSettings:
     flips : bool
         Random left-right and anterior-posterior flips of each training batch (the
         kinetics are per pixel, so a flipped slice is as valid a sample).
+    projection : bool
+        False (the paper): the network's four outputs are the parameters. True: only
+        beta = k2 + k3 is taken from the network; Vb, K1 and the k2/k3 split are each
+        pixel's bounded least-squares solution for that beta under the loss's frame
+        weights (:mod:`kinpet.projection`), in training, validation and prediction alike.
     """
 
     convolution: str = "space_time"
@@ -129,6 +136,7 @@ class TrainSettings:
     schedule: str = "step"
     warmup_epochs: int = 0
     flips: bool = False
+    projection: bool = False
 
     def __post_init__(self):
         for name, allowed in (
@@ -223,6 +231,28 @@ def model_tacs(params: torch.Tensor, subject: torch.Tensor, models) -> torch.Ten
     return out
 
 
+def project_by_subject(params, tacs, subject, models, weights):
+    """:func:`kinpet.projection.project_maps` of a batch [B, 4, H, W] whose slices belong
+    to several subjects (``subject`` [B] indexes ``models``)."""
+    out = torch.empty_like(params)
+    for s in torch.unique(subject).tolist():
+        rows = (subject == s).nonzero().flatten().to(params.device)
+        out[rows] = project_maps(params[rows], tacs[rows], models[s], weights)
+    return out
+
+
+def subject_projection(input_function: InputFunction, frames: FrameSchedule, settings):
+    """The projection of one subject's maps for a network trained with
+    ``projection=True`` (None otherwise): ``f(params, tacs) -> params`` with ``tacs`` as
+    the network sees them (divided by the subject's scale)."""
+    if not settings.projection:
+        return None
+    scale = subject_scale(input_function, frames, settings.scaling)
+    model = KineticModel(scaled_input(input_function, scale), frames, settings.sampling)
+    weights = loss_weights(frames, settings, "cpu")
+    return functools.partial(project_maps, model=model, weights=weights)
+
+
 def masked_mse(predicted: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, weights=None):
     """Mean squared error over the masked pixels' frames ([B, T, H, W], mask [B, H, W]).
 
@@ -276,6 +306,15 @@ def _forward(model, tacs, device, amp: bool, time_padding: str):
     return slices_to_parameters(model, tacs, time_padding)
 
 
+def network_parameters(model, meas, rows, data: SliceSet, settings, weights, time_padding):
+    """Parameter maps [B, 4, H, W] of a batch: the network's, projected when
+    ``settings.projection`` (see :class:`TrainSettings`)."""
+    params = _forward(model, meas, meas.device, settings.amp, time_padding)
+    if settings.projection:
+        params = project_by_subject(params, meas, data.subject[rows], data.models, weights)
+    return params
+
+
 def evaluate(model, data: SliceSet, settings: TrainSettings, device=None, batch_size=None):
     """Loss, per-slice cosine similarity and MAE of a model on a slice set.
 
@@ -287,10 +326,11 @@ def evaluate(model, data: SliceSet, settings: TrainSettings, device=None, batch_
     batch_size = batch_size or settings.batch_size
     model.eval()
     losses, cs, mae, weights = [], [], [], []
+    frame_w = loss_weights(data.frames, settings, device)
     with torch.inference_mode():
         for rows in torch.arange(len(data)).split(batch_size):
             meas = data.tacs[rows].to(device)
-            params = _forward(model, meas, device, settings.amp, "replicate")
+            params = network_parameters(model, meas, rows, data, settings, frame_w, "replicate")
             scale = data.slice_scales(rows).to(device).view(-1, 1, 1, 1)
             pred = model_tacs(params, data.subject[rows], data.models) * scale
             meas = meas * scale
@@ -337,7 +377,7 @@ def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, we
     the slices ``rows`` of ``data``, scaled as ``data``): masked, frame-weighted MSE
     between the measured and the model TACs of the predicted parameters."""
     # The paper pads time with zeros in training, replicated frames in validation.
-    params = _forward(model, meas, meas.device, settings.amp, "zeros")
+    params = network_parameters(model, meas, rows, data, settings, weights, "zeros")
     pred = model_tacs(params, data.subject[rows], data.models)
     scale = data.slice_scales(rows).to(meas.device).view(-1, 1, 1, 1)
     mask = activity_mask(meas * scale, data.frames, settings.mask_threshold)

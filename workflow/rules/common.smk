@@ -79,6 +79,7 @@ TRAINING_SETTINGS = {
         "schedule",
         "warmup_epochs",
         "flips",
+        "projection",
     )
     if key in TRAINING
 }

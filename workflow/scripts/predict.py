@@ -15,7 +15,7 @@ from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.prediction import predict_volume, volume_slices
 from kinpet.refinement import refine
-from kinpet.training import SliceSet, load_model, subject_scale
+from kinpet.training import SliceSet, load_model, subject_projection, subject_scale
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
@@ -51,7 +51,8 @@ if sm.params.refine_steps:
         stream=sys.stderr,
     )
     print(f"refinement: {time.perf_counter() - started:.1f} s", file=sys.stderr)
-maps = predict_volume(model, pet, stream=sys.stderr, scale=scale)
+projection = subject_projection(input_function, frames, settings)
+maps = predict_volume(model, pet, stream=sys.stderr, scale=scale, projection=projection)
 maps[~body] = np.nan  # outside the body there is nothing to model
 
 # Per-slice agreement of measured and model TACs over the masked pixels (Fig. 3a).

@@ -11,7 +11,14 @@ from kinpet.evaluation import organ_indices
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import read_label_table, read_slices
-from kinpet.training import SliceSet, TrainSettings, pick_device, subject_scale, train
+from kinpet.training import (
+    SliceSet,
+    TrainSettings,
+    pick_device,
+    subject_projection,
+    subject_scale,
+    train,
+)
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
@@ -61,6 +68,7 @@ def make_monitor(inp, settings, train_data, val_data):
         settings.mask_threshold,
         sm.params.erode_voxels,
         scale,
+        subject_projection(aif, frames, settings),
     )
     floors = {
         "train_floor": floor_of(*train_data, frames, settings),
