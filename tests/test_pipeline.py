@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from bids_synthetic import FRAMES, NAMES, write_subject
 from scipy.ndimage import binary_erosion
@@ -18,7 +19,8 @@ from scipy.ndimage import binary_erosion
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import read_organ_values, read_slices
-from kinpet.kinetics import PARAMETER_NAMES, irreversible_2tc
+from kinpet.kinetics import PARAMETER_NAMES, KineticModel, irreversible_2tc
+from kinpet.projection import project
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -106,7 +108,8 @@ def test_tiny_training_and_prediction(tiny_run):
     log = pd.read_csv(tiny_run / "results/training/4.1/log.csv")
     assert list(log.epoch) == [1, 2] and log.val_loss.notna().all()
     assert (tiny_run / "results/training/4.1/best.pt").exists()
-    assert "device: cpu" in (tiny_run / "logs/train/4.1.log").read_text()
+    train_log = (tiny_run / "logs/train/4.1.log").read_text()
+    assert "device: cpu" in train_log and "multi_clamp with projection" in train_log
     # No monitor asked for: its table is a header only. The refinement ran before predict.
     assert (tiny_run / "results/training/4.1/monitor.csv").read_text() == "epoch\n"
     predict_log = (tiny_run / "logs/predict/4.1/sub-04.log").read_text()
@@ -129,6 +132,18 @@ def test_tiny_training_and_prediction(tiny_run):
     assert np.nanmin(maps["Vb"]) >= 0 and np.nanmax(maps["Vb"]) <= 1 + 1e-6
     ki = maps["K1"] * maps["k3"] / (maps["k2"] + maps["k3"])
     np.testing.assert_allclose(maps["Ki"][body], ki[body], rtol=1e-5)
+    # projection (the demo's recipe): K1, Vb and the k2/k3 split are each voxel's bounded
+    # least-squares solution at the map's own beta, here recomputed in kBq/ml.
+    pre = tiny_run / "results/preprocessed/sub-04"
+    model = KineticModel(
+        InputFunction.from_blood_tsv(pre / "input_blood.tsv"),
+        FrameSchedule.from_bids_json(pre / "pet.json"),
+    )
+    beta = torch.from_numpy((maps["k2"] + maps["k3"])[body].astype(np.float64))
+    curves = torch.from_numpy(np.asarray(pet.dataobj, dtype=np.float64)[body])
+    again = project(beta, curves, model).numpy()
+    for i, name in enumerate(PARAMETER_NAMES):
+        np.testing.assert_allclose(maps[name][body], again[:, i], rtol=2e-3, atol=2e-4)
     metrics = pd.read_csv(out / "slice_metrics.tsv", sep="\t")
     assert list(metrics.z) == list(range(pet.shape[2]))
     fitted = metrics[metrics.pixels > 0]

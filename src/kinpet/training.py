@@ -433,7 +433,8 @@ def train(
         for path in (log_path, monitor_path):
             path.unlink(missing_ok=True)
     print(
-        f"device {device}; {settings.convolution}/{settings.pooling}/{settings.activation}; "
+        f"device {device}; {settings.convolution}/{settings.pooling}/{settings.activation}"
+        f"{' with projection' if settings.projection else ''}; "
         f"{len(train_set)} training and {len(val_set)} validation slices",
         file=stream,
     )
