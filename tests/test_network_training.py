@@ -133,6 +133,7 @@ def tiny_sets():
     return train_set, val_set
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_logs(tmp_path):
     train_set, val_set = tiny_sets()
     settings = TrainSettings(
@@ -150,6 +151,7 @@ def test_loss_decreases_and_logs(tmp_path):
     assert loaded == settings
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_results(tmp_path):
     train_set, val_set = tiny_sets()
     straight = TrainSettings(

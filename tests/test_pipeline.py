@@ -22,6 +22,9 @@ from kinpet.io import read_organ_values, read_slices
 from kinpet.kinetics import PARAMETER_NAMES, KineticModel, irreversible_2tc
 from kinpet.projection import project
 
+# Every test here runs Snakemake (dry runs included).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
@@ -59,6 +62,15 @@ def workdir(tmp_path_factory):
     return work
 
 
+@pytest.fixture(scope="module")
+def synthetic_run(workdir):
+    """The synthetic PET-BIDS dataset through the data path (tests/config/synthetic.yaml),
+    run once; each test that reads its outputs asks for it, so every test runs alone."""
+    res = snakemake("--cores", "2", "--configfile", "tests/config/synthetic.yaml", cwd=workdir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return workdir
+
+
 # `all` holds everything: phantom, preprocessing, training, prediction and the curve fits.
 TINY_TARGETS = ("all",)
 
@@ -75,7 +87,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_dry_run_of_default_config(workdir):
-    res = snakemake("-n", "--cores", "1", cwd=workdir)
+    # --forceall: the plan of a fresh run, whatever other tests have built in workdir.
+    res = snakemake("-n", "--forceall", "--cores", "1", cwd=workdir)
     assert res.returncode == 0, res.stderr
     assert "organ_curves" in res.stdout
     for subject in ("sub-01", "sub-02", "sub-03", "sub-04"):
@@ -88,9 +101,8 @@ def test_invalid_config_is_rejected(workdir):
     assert "sampling" in res.stderr + res.stdout
 
 
-def test_synthetic_dataset_end_to_end_run(workdir):
-    res = snakemake("--cores", "2", "--configfile", "tests/config/synthetic.yaml", cwd=workdir)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_synthetic_dataset_end_to_end_run(synthetic_run):
+    workdir = synthetic_run
     curves = pd.read_csv(workdir / "results/model/organ_curves.tsv", sep="\t")
     organs = read_organ_values(workdir / "config/organ_values.tsv")
     inp = InputFunction.feng(peak_kbq_per_ml=200.0, delay_s=12.0)
@@ -150,8 +162,9 @@ def test_tiny_training_and_prediction(tiny_run):
     assert len(fitted) > 0 and fitted.cs.between(-1, 1).all() and (fitted.mae >= 0).all()
 
 
-def test_tiny_preprocessing_outputs(workdir):
-    """After the tiny run: the 2.5-mm volumes, the slices and their metadata."""
+def test_synthetic_preprocessing_outputs(synthetic_run):
+    """After the synthetic run: the 2.5-mm volumes, the slices and their metadata."""
+    workdir = synthetic_run
     pre = workdir / "results" / "preprocessed" / "sub-01"
     pet = nib.load(pre / "pet_2p5mm.nii.gz")
     labels = nib.load(pre / "labels_2p5mm.nii.gz")

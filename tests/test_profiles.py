@@ -71,6 +71,7 @@ def test_local_profile_caps_gpus():
     assert local["cores"] == "all" and local["resources"]["gpu"] >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", ["local", "slurm"])
 def test_dry_run_with_profile(profile, tmp_path):
     for name in ("Snakefile", "workflow", "config", "envs", "src", "profiles", "tests/config"):

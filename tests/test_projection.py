@@ -138,6 +138,7 @@ def small_subject(seed, size=16):
     return (slices + rng.normal(0, 0.5, slices.shape)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_projected_network_loss_prediction_and_refinement():
     torch.set_num_threads(2)
     slices = small_subject(4)

@@ -186,6 +186,7 @@ def test_flips_are_seeded_and_only_flip_space():
     assert len(seen) >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["published", "scaled_sigmoid"])
 def test_refinement_lowers_the_loss_on_the_test_subject(recipe):
     torch.set_num_threads(2)
