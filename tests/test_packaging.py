@@ -1,5 +1,6 @@
 """The pins live in requirements.txt; every other place must agree with it."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -37,7 +38,32 @@ def test_every_runtime_dependency_is_pinned_exactly():
         "matplotlib",
         "seaborn",
     } <= names
-    assert pins(lines)["torch"] == "2.13.0"
+
+
+def third_party_imports():
+    """Top-level modules that the package and the workflow scripts import, stdlib excluded."""
+    names = set()
+    for path in [*ROOT.glob("src/kinpet/*.py"), *ROOT.glob("workflow/scripts/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "kinpet"}
+
+
+def test_every_imported_package_is_pinned():
+    """Whatever the pipeline imports comes from a distribution pinned in requirements.txt
+    (an unpinned torch would pull gigabytes of CUDA wheels)."""
+    from importlib.metadata import packages_distributions
+
+    distributions = packages_distributions()
+    pinned = {name.lower() for name in pins((ROOT / "requirements.txt").read_text().splitlines())}
+    imported = third_party_imports()
+    assert {"torch", "numpy", "nibabel"} <= imported  # the scan itself works
+    for module in sorted(imported):
+        assert module in distributions, f"{module} is imported but not installed"
+        assert {d.lower() for d in distributions[module]} & pinned, f"{module} is not pinned"
 
 
 def test_conda_environment_has_the_same_pins():
