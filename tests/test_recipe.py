@@ -21,6 +21,7 @@ from kinpet.training import (
     evaluate,
     input_scale,
     learning_rate_schedule,
+    loss_weights,
     random_flips,
     training_loss,
 )
@@ -147,6 +148,13 @@ def test_duration_weights_weigh_frames_by_their_length():
     sq = loss_by_hand(net, slices, inp)
     durations = FRAMES.durations_s / FRAMES.durations_s.mean()
     assert loss == pytest.approx(np.mean(sq * durations), rel=1e-4)
+
+
+def test_blend_weights_are_the_mean_of_equal_and_duration_decay():
+    blend = loss_weights(FRAMES, TrainSettings(loss_weights="blend"), "cpu").numpy()
+    decay = frame_weights(FRAMES, "duration_decay")
+    np.testing.assert_allclose(blend, 0.5 * (1.0 + decay), rtol=1e-12)
+    assert blend.mean() == pytest.approx(1.0) and blend.min() >= 0.5 - 1e-12
 
 
 def test_schedules():

@@ -29,7 +29,7 @@ from kinpet.network import KineticUNet, slices_to_parameters
 from kinpet.projection import project_maps
 
 SCALINGS = ("none", "input")
-LOSS_WEIGHTS = ("none", "duration", "duration_decay")
+LOSS_WEIGHTS = ("none", "duration", "duration_decay", "blend")
 SCHEDULES = ("step", "cosine")
 
 
@@ -96,11 +96,12 @@ class TrainSettings:
         time average over the scan (:func:`input_scale`), so that every subject enters at
         the same scale; the parameters are unchanged by it (the model is linear in the
         input).
-    loss_weights : {"none", "duration", "duration_decay"}
+    loss_weights : {"none", "duration", "duration_decay", "blend"}
         Weight of each frame in the loss (:func:`kinpet.fitting.frame_weights`, mean 1):
         equal (the published code), proportional to its duration (a frame's noise
         variance is inversely proportional to its length, so the 2-s frames no longer
-        weigh as much as the 300-s ones), or duration times the F-18 decay factor.
+        weigh as much as the 300-s ones), duration times the F-18 decay factor, or
+        "blend": the mean of equal and duration-times-decay weights.
     schedule : {"step", "cosine"}
         "step": the learning rate halves every ``halve_every`` epochs (as published);
         "cosine": a linear warm-up over ``warmup_epochs``, then a cosine decay to 0 at
@@ -369,7 +370,13 @@ class _Progress:
 
 def loss_weights(frames: FrameSchedule, settings: TrainSettings, device) -> torch.Tensor:
     """The frame weights [T] of the training loss, on ``device``."""
-    return torch.as_tensor(frame_weights(frames, settings.loss_weights)).to(device)
+    if settings.loss_weights == "blend":
+        # Equal weights keep the early frames (K1, the spleen's fast exchange); duration x
+        # decay the late ones (Ki). Their mean keeps both.
+        weights = 0.5 * (frame_weights(frames, "duration_decay") + 1.0)
+    else:
+        weights = frame_weights(frames, settings.loss_weights)
+    return torch.as_tensor(weights).to(device)
 
 
 def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights):
