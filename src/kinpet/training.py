@@ -218,6 +218,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def subject_rows(subject: torch.Tensor, device):
+    """(subject index, its rows of the batch on ``device``) for each subject in ``subject``."""
+    for s in torch.unique(subject).tolist():
+        yield s, (subject == s).nonzero().flatten().to(device)
+
+
 def model_tacs(params: torch.Tensor, subject: torch.Tensor, models) -> torch.Tensor:
     """Kinetic-model TACs [B, T, H, W] of predicted parameter maps [B, 4, H, W]."""
     per_pixel = params.permute(0, 2, 3, 1).float()  # [B, H, W, 4]
@@ -226,8 +232,7 @@ def model_tacs(params: torch.Tensor, subject: torch.Tensor, models) -> torch.Ten
         dtype=per_pixel.dtype,
         device=params.device,
     )
-    for s in torch.unique(subject).tolist():
-        rows = (subject == s).nonzero().flatten().to(params.device)
+    for s, rows in subject_rows(subject, params.device):
         out[rows] = models[s](per_pixel[rows]).permute(0, 3, 1, 2)
     return out
 
@@ -236,8 +241,7 @@ def project_by_subject(params, tacs, subject, models, weights):
     """:func:`kinpet.projection.project_maps` of a batch [B, 4, H, W] whose slices belong
     to several subjects (``subject`` [B] indexes ``models``)."""
     out = torch.empty_like(params)
-    for s in torch.unique(subject).tolist():
-        rows = (subject == s).nonzero().flatten().to(params.device)
+    for s, rows in subject_rows(subject, params.device):
         out[rows] = project_maps(params[rows], tacs[rows], models[s], weights)
     return out
 
