@@ -1,11 +1,14 @@
 """The UNet's variants, the self-supervised loss, checkpoints and slice placement."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
+from kinpet.io import KinpetInputError
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, irreversible_2tc
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.network import KineticUNet, count_parameters, pad_frames
@@ -13,6 +16,10 @@ from kinpet.prediction import predict_slices, predict_volume
 from kinpet.training import (
     SliceSet,
     TrainSettings,
+    _save,
+    build_model,
+    learning_rate_schedule,
+    load_checkpoint,
     load_model,
     masked_mse,
     model_tacs,
@@ -161,8 +168,8 @@ def test_resume_gives_identical_results(tmp_path):
     interrupted = TrainSettings(**{**straight.__dict__, "epochs": 1})
     train(train_set, val_set, interrupted, tmp_path / "resumed")
     train(train_set, val_set, straight, tmp_path / "resumed", resume=True)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -193,3 +200,62 @@ def test_clamps_pass_gradients_straight_through():
         out.sum().backward()
         grads[straight] = net.head[1].bias.grad.abs().sum().item()
     assert grads[True] > 0 and grads[False] == 0
+
+
+def write_checkpoint(path, settings):
+    """A checkpoint as :func:`kinpet.training.train` writes it, after one optimiser step."""
+    model = build_model(settings)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    schedule = learning_rate_schedule(optimizer, settings)
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    schedule.step()
+    generator = torch.Generator().manual_seed(settings.seed)
+    _save(path, model, optimizer, schedule, generator, 0, {"val_loss": 1.5, "epoch": 1}, settings)
+    return model
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_own_checkpoints_load_without_running_code(tmp_path, schedule):
+    settings = TrainSettings(
+        convolution="3d", pooling="space", activation="abs", schedule=schedule, epochs=3
+    )
+    model = write_checkpoint(tmp_path / "last.pt", settings)
+    # weights_only=True: everything in it is a tensor or a plain type.
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["settings"] == settings.__dict__
+    loaded, loaded_settings = load_model(tmp_path / "last.pt", device="cpu")
+    assert loaded_settings == settings
+    expected = model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+
+
+class _Payload:
+    """Unpickling this writes a file: what a malicious checkpoint could do."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.target), "payload ran"))
+
+
+def test_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
+    target = tmp_path / "payload_ran.txt"
+    path = tmp_path / "best.pt"
+    torch.save({"model": {}, "settings": {}, "extra": _Payload(target)}, path)
+    for load in (load_checkpoint, load_model):
+        with pytest.raises(KinpetInputError) as err:
+            load(path, device="cpu")
+        message = str(err.value)
+        assert str(path) in message and "refused" in message
+        assert "\n" not in message
+    assert not target.exists()
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "last.pt"
+    write_checkpoint(path, TrainSettings(convolution="3d", pooling="space", activation="abs"))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(KinpetInputError, match="last.pt: cannot read the checkpoint"):
+        load_model(path, device="cpu")

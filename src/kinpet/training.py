@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import pickle
 import random
 import sys
 import time
@@ -23,6 +24,7 @@ import torch
 from kinpet.fitting import frame_weights
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
+from kinpet.io import KinpetInputError
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.network import KineticUNet, slices_to_parameters
@@ -432,7 +434,7 @@ def train(
     last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
     monitor_path = out_dir / "monitor.csv"
     if resume and last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=False)
+        state = load_checkpoint(last_path, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -521,10 +523,45 @@ def _append_csv(path: Path, row: dict, columns=LOG_COLUMNS):
         writer.writerow({k: row.get(k, "") for k in columns})
 
 
+def load_checkpoint(path, device="cpu") -> dict:
+    """The state dict of a checkpoint written by :func:`train`, read without running code.
+
+    Checkpoints hold only tensors and plain Python types (the settings as a dict), so
+    they are read with ``weights_only=True``: a file carrying other pickled objects (which
+    unpickling would construct, i.e. run) is refused.
+
+    Raises
+    ------
+    KinpetInputError
+        Naming the file: missing, truncated or corrupt, or holding objects other than
+        tensors and plain types.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise KinpetInputError(f"{path}: file not found")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is many lines of advice on weights_only=False: keep its first.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KinpetInputError(
+            f"{path}: refused: the checkpoint holds objects other than tensors and plain "
+            f"types, which loading would run ({first})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise KinpetInputError(
+            f"{path}: cannot read the checkpoint (truncated or corrupt?): {err}"
+        ) from None
+    missing = [k for k in ("model", "settings") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise KinpetInputError(f"{path}: not a kinpet checkpoint (no {', '.join(missing)})")
+    return state
+
+
 def load_model(path, device="auto") -> tuple[KineticUNet, TrainSettings]:
     """A trained network and its settings from a checkpoint written by :func:`train`."""
     device = pick_device(device)
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = load_checkpoint(path, device)
     settings = TrainSettings(**state["settings"])
     model = build_model(settings).to(device)
     model.load_state_dict(state["model"])
