@@ -277,3 +277,30 @@ def test_reference_values_and_summaries_over_subjects():
     assert summary.loc[("network", "liver", "K1"), "sd"] == pytest.approx(np.std([1, 2, 4], ddof=1))
     assert summary.loc[("network", "liver", "K1"), "subjects"] == 3
     assert summary.loc[("reference", "liver", "K1"), "sd"] == 0.1  # the given spread
+
+
+def test_pdfs_are_reproducible(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [1, 0, 2])
+    figures.save_figure(fig, tmp_path / "a.pdf")
+    figures.save_figure(fig, tmp_path / "b.pdf")
+    plt.close(fig)
+    data = (tmp_path / "a.pdf").read_bytes()
+    assert b"CreationDate" not in data
+    assert data == (tmp_path / "b.pdf").read_bytes()
+
+
+def test_every_figure_is_written_by_save_figure():
+    """A bare ``savefig`` stamps a CreationDate into PDFs: reruns would differ."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [*root.glob("workflow/scripts/*.py"), *root.glob("src/kinpet/*.py")]
+    bare = [
+        p.relative_to(root).as_posix()
+        for p in sources
+        if ".savefig(" in p.read_text() and p.name != "figures.py"
+    ]
+    assert bare == []

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kinpet.figures import save_figure  # noqa: E402
 from kinpet.phantom import LABELS, PAPER_ORGANS, coronal_slice_index  # noqa: E402
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
@@ -52,5 +53,6 @@ ax_tac.set_yscale("log")
 ax_tac.set_xlabel("time (min)")
 ax_tac.set_ylabel("mean activity in the slice (kBq/ml)")
 ax_tac.legend(fontsize=8, ncol=2)
-fig.savefig(snakemake.output.png, dpi=90)  # noqa: F821
-fig.savefig(snakemake.output.pdf)  # noqa: F821
+# save_figure: no CreationDate in the PDF, so a rerun writes the same bytes.
+save_figure(fig, snakemake.output.png, dpi=90)  # noqa: F821
+save_figure(fig, snakemake.output.pdf)  # noqa: F821

@@ -8,6 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from kinpet.figures import save_figure  # noqa: E402
+
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
 curves = pd.read_csv(snakemake.input[0], sep="\t")  # noqa: F821
 organs = list(dict.fromkeys(curves["organ"]))
@@ -30,5 +32,6 @@ axes[0, 0].set_ylabel("activity (kBq/ml)")
 axes[1, 0].set_ylabel("difference to exact\n(% of peak)")
 axes[0, -1].legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(snakemake.output.png, dpi=120)  # noqa: F821
-fig.savefig(snakemake.output.pdf)  # noqa: F821
+# save_figure: no CreationDate in the PDF, so a rerun writes the same bytes.
+save_figure(fig, snakemake.output.png, dpi=120)  # noqa: F821
+save_figure(fig, snakemake.output.pdf)  # noqa: F821
