@@ -507,3 +507,21 @@ def test_fit_tacs_flags_an_empty_region(real_tacs_path, tmp_path, capsys):
     res = pd.read_csv(StringIO(out), sep="\t").set_index("region")
     assert not res.loc["empty_bq_per_ml"].ok and res.loc["empty_bq_per_ml"].status == "all zero"
     assert math.isnan(res.loc["empty_bq_per_ml"].K1) and res.loc["grey_matter_bq_per_ml"].ok
+
+
+def test_fit_tacs_checks_every_output_before_writing(real_tacs_path, tmp_path, capsys):
+    tsv = tmp_path / "tacs.tsv"
+    tsv.write_bytes(real_tacs_path.read_bytes())
+    before = tsv.read_bytes()
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(tsv), "-o", str(tsv)], capsys)
+    assert code == 2 and f"{tsv}: is an input" in err
+    assert tsv.read_bytes() == before
+    out = tmp_path / "fit.tsv"
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(tsv), "-o", str(out),
+                            "--plot", str(tmp_path / "fit.xyz")], capsys)  # fmt: skip
+    assert code == 2 and "fit.xyz: unknown figure format 'xyz'" in err and "png" in err
+    assert not out.exists()
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(tsv), "-o", str(out),
+                            "--plot", str(out)], capsys)  # fmt: skip
+    assert code == 2 and "both -o and --plot" in err and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tacs.tsv"]

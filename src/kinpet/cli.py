@@ -75,17 +75,47 @@ def cmd_simulate(args) -> None:
     )
 
 
-def cmd_fit_tacs(args) -> None:
+def _check_outputs(args) -> None:
+    """Refuse bad output paths before anything is read or written.
+
+    An output that is one of the inputs would be overwritten; an unknown figure format
+    would fail only after the table had been written.
+    """
     from pathlib import Path
 
+    from kinpet.io import KinpetInputError
+
+    inputs = [args.tsv, args.pet_json, args.blood_tsv]
+    if args.blood_tsv:
+        inputs.append(str(Path(args.blood_tsv).with_suffix(".json")))
+    inputs = {Path(p).resolve(): p for p in inputs if p}
+    outputs = [p for p in (args.output, args.plot) if p]
+    if len(outputs) == 2 and Path(args.output).resolve() == Path(args.plot).resolve():
+        raise KinpetInputError(f"{args.output}: given as both -o and --plot")
+    for out in outputs:
+        if Path(out).resolve() in inputs:
+            raise KinpetInputError(f"{out}: is an input of this command; it would be overwritten")
+        if not Path(out).resolve().parent.is_dir():
+            raise KinpetInputError(f"{out}: its folder does not exist")
+    if args.plot:
+        from matplotlib.figure import Figure
+
+        known = Figure().canvas.get_supported_filetypes()
+        fmt = Path(args.plot).suffix.lstrip(".").lower()
+        if fmt not in known:
+            raise KinpetInputError(
+                f"{args.plot}: unknown figure format {fmt or '(no extension)'!r} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+
+
+def cmd_fit_tacs(args) -> None:
     import pandas as pd
 
     from kinpet.fitting import fit
     from kinpet.io import KinpetInputError, read_region_curves, write_table_atomic
 
-    for out in (args.output, args.plot):
-        if out and not Path(out).resolve().parent.is_dir():
-            raise KinpetInputError(f"{out}: its folder does not exist")
+    _check_outputs(args)
     tissue_cols = [c.strip() for c in args.tissue_cols.split(",")] if args.tissue_cols else None
     frames = None
     if args.pet_json or args.blood_tsv:
@@ -120,13 +150,9 @@ def cmd_fit_tacs(args) -> None:
     else:
         sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
     if figure is not None:
-        plot = Path(args.plot)
-        tmp = plot.with_name(f".tmp.{plot.name}")
-        try:
-            figure.savefig(tmp, dpi=120, format=plot.suffix.lstrip(".") or "png")
-            tmp.replace(plot)
-        finally:
-            tmp.unlink(missing_ok=True)
+        from kinpet.figures import save_figure
+
+        save_figure(figure, args.plot, dpi=120)
 
 
 def _fit_figure(frames, inp, names, curves, result):
