@@ -304,3 +304,32 @@ def test_times_count_from_the_injection(dataset):
     np.testing.assert_allclose(study.input_function.times_s, truth["input"].times_s, atol=1e-9)
     edit_json(paths["pet_json"], InjectionStart="soon")
     check_error(root, f"{paths['pet_json']}: InjectionStart must be a number")
+
+
+def truncate(path, fraction=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+@pytest.mark.parametrize("key", ["pet", "dseg"])
+def test_truncated_image_names_the_file(dataset, key):
+    root, paths, _ = dataset
+    truncate(paths[key])
+    with pytest.raises(KinpetInputError) as err:
+        read_pet_bids(root, "sub-01")
+    message = str(err.value)
+    assert message.startswith(f"{paths[key]}: truncated or corrupt file") and "EOFError" in message
+
+
+def test_truncated_or_corrupt_slices_file_names_the_file(tmp_path):
+    path = tmp_path / "sub-01.npz"
+    write_slices(path, tacs=np.random.default_rng(0).random((2, 3, 40, 50)), z=np.arange(2))
+    good = path.read_bytes()
+    truncate(path)
+    with pytest.raises(KinpetInputError, match=r"sub-01\.npz: truncated or corrupt file"):
+        read_slices(path)
+    damaged = bytearray(good)
+    damaged[100:400] = bytes(300)
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(KinpetInputError, match=r"sub-01\.npz: truncated or corrupt file"):
+        read_slices(path)

@@ -7,6 +7,8 @@ import gzip
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,26 @@ from kinpet.inputfunction import InputFunction, units_to_kbq_per_ml
 
 class KinpetInputError(ValueError):
     """An input file is missing or malformed; the message names the file."""
+
+
+# What reading a truncated or damaged gzip or zip stream raises: the decompressors' own
+# errors (EOFError, zlib.error, BadZipFile) and the parsers' when they meet garbage.
+_CORRUPT_ERRORS = (EOFError, OSError, zlib.error, zipfile.BadZipFile, ValueError, KeyError)
+
+
+@contextmanager
+def _naming_corrupt_file(path, what: str = ""):
+    """Turn a decompression or parse error while reading ``path`` into a
+    :class:`KinpetInputError` that names the file."""
+    try:
+        yield
+    except KinpetInputError:
+        raise
+    except _CORRUPT_ERRORS as err:
+        detail = f"{what}: " if what else ""
+        raise KinpetInputError(
+            f"{path}: truncated or corrupt file ({detail}{type(err).__name__}: {err})"
+        ) from None
 
 
 def frames_from_spec(spec: str) -> FrameSchedule:
@@ -165,7 +187,8 @@ class PetStudy:
         Frames are read one at a time, so that whole-body images need not fit in memory;
         read them in order (gzip files are read forward).
         """
-        data = np.asarray(self.image.dataobj[..., index], dtype=np.float32)
+        with _naming_corrupt_file(self.pet_path, f"reading frame {index}"):
+            data = np.asarray(self.image.dataobj[..., index], dtype=np.float32)
         return data * np.float32(self.unit_factor)
 
     def iter_frames(self):
@@ -241,7 +264,8 @@ def read_labels(dseg_path, tsv_path, required=()) -> tuple[np.ndarray, np.ndarra
     image = _load_nifti(dseg_path)
     if len(image.shape) != 3:
         raise KinpetInputError(f"{dseg_path}: a label map must be 3-D, got shape {image.shape}")
-    data = np.asarray(image.dataobj)
+    with _naming_corrupt_file(dseg_path):
+        data = np.asarray(image.dataobj)
     if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
         raise KinpetInputError(f"{dseg_path}: label values must be integers")
     labels = data.astype(np.int32)
@@ -481,7 +505,7 @@ def read_slices(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise KinpetInputError(f"{path}: file not found")
-    with np.load(path, allow_pickle=False) as data:
+    with _naming_corrupt_file(path), np.load(path, allow_pickle=False) as data:
         out = {key: data[key] for key in data.files}
     missing = [k for k in SLICE_KEYS if k not in out]
     if missing:
