@@ -222,8 +222,7 @@ def test_bad_input_stops_the_pipeline_with_the_file_named(tmp_path):
     del meta["Units"]
     paths["pet_json"].write_text(json.dumps(meta))
     config = yaml.safe_load((work / "tests/config/synthetic.yaml").read_text())
-    # Config files merge into config/config.yaml key by key: give every role.
-    config["data"]["split"] = {"train": ["sub-01"], "validation": [], "test": []}
+    config["data"]["split"] = {"train": ["sub-01"]}
     (work / "bad.yaml").write_text(yaml.safe_dump(config))
     res = snakemake(
         "results/slices/sub-01.npz", "--cores", "1", "--configfile", "bad.yaml", cwd=work
@@ -243,6 +242,32 @@ def test_a_subject_in_two_roles_is_rejected(workdir):
     res = snakemake("-n", "--cores", "1", "--configfile", "twice.yaml", cwd=workdir)
     assert res.returncode != 0
     assert "a subject appears twice" in res.stderr + res.stdout
+
+
+def test_a_users_split_replaces_the_default_one_whole(workdir):
+    """Config files merge into config/config.yaml key by key, but not the split: leaving
+    out validation must not bring in the default's sub-03."""
+    config = {"data": {"split": {"train": ["sub-01", "sub-02"], "test": ["sub-04"]}}}
+    (workdir / "no_validation.yaml").write_text(yaml.safe_dump(config))
+    res = snakemake(
+        "-n", "--forceall", "--cores", "1", "--configfile", "no_validation.yaml", cwd=workdir
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "results/slices/sub-01.npz" in res.stdout
+    assert "results/slices/sub-03.npz" not in res.stdout
+
+
+@pytest.mark.parametrize(
+    "typo, word", [({"fitt": {"chunks": 2}}, "fitt"), ({"training": {"epoch": 50}}, "epoch")]
+)
+def test_a_misspelt_config_key_stops_the_run(workdir, typo, word):
+    (workdir / "typo.yaml").write_text(yaml.safe_dump(typo))
+    res = snakemake("-n", "--cores", "1", "--configfile", "typo.yaml", cwd=workdir)
+    assert res.returncode != 0
+    output = res.stderr + res.stdout
+    lines = [x for x in output.splitlines() if x.startswith("config (")]
+    assert lines, output[-3000:]
+    assert "typo.yaml" in lines[0] and f"'{word}' was unexpected" in lines[0]
 
 
 def test_tiny_phantom_through_the_pipeline(tiny_run):

@@ -1,9 +1,30 @@
+import copy
 import os
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
+# Config files merge into config/config.yaml key by key. A split is one choice, not three:
+# a user's split replaces the demo's whole (leaving out validation: must not bring in the
+# demo's sub-03). overwrite_config holds what --configfile and --config gave.
+_USER_DATA = (workflow.config_settings.overwrite_config or {}).get("data") or {}
+_USER_SPLIT = _USER_DATA.get("split")
+if _USER_SPLIT is not None:
+    config["data"]["split"] = copy.deepcopy(_USER_SPLIT)
+
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as err:
+    # Snakemake's message prints the whole schema; keep the problem and where it is.
+    _lines = str(err).splitlines()
+    _what = next((l for l in _lines if l.startswith("ValidationError: ")), _lines[0])
+    _where = next((l for l in _lines if l.startswith("On instance")), "On instance:")
+    _where = _where.removeprefix("On instance").rstrip(":") or "the top level"
+    _files = " + ".join(dict.fromkeys(map(str, workflow.configfiles)))
+    raise WorkflowError(
+        f"config ({_files}): {_what.removeprefix('ValidationError: ')} at {_where}"
+    ) from None
 
 # Scripts import the kinpet package from src/, installed or not (e.g. in --use-conda
 # environments or on cluster nodes sharing the checkout).
