@@ -144,3 +144,32 @@ def test_feng_model_facts():
     assert inp.values.max() == pytest.approx(200.0, rel=1e-3)
     assert inp(15.0) == 0.0 and inp(14.0) == 0.0
     assert inp.times_s[-1] == 3900.0
+
+
+def test_sidecar_times_in_minutes_are_refused(tmp_path):
+    minutes = FrameSchedule(
+        FrameSchedule.paper().starts_s / 60, FrameSchedule.paper().durations_s / 60
+    )
+    path = tmp_path / "sub-01_pet.json"
+    path.write_text(json.dumps(minutes.to_bids()))
+    with pytest.raises(FrameScheduleError) as err:
+        FrameSchedule.from_bids_json(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: the 62 frames end at 65 s, too short")
+    assert "are these minutes?" in message
+
+
+def test_a_scan_of_many_hours_is_only_warned_about(tmp_path):
+    hours = FrameSchedule.from_durations([600.0] * 30)  # 5 h
+    path = tmp_path / "sub-01_pet.json"
+    path.write_text(json.dumps(hours.to_bids()))
+    with pytest.warns(UserWarning, match=r"sub-01_pet.json: the 30 frames end at 18000 s \(5 h\)"):
+        assert FrameSchedule.from_bids_json(path) == hours
+
+
+def test_blood_recording_that_is_zero_everywhere(tmp_path):
+    tsv = tmp_path / "sub-03_recording-manual_blood.tsv"
+    tsv.write_text("time\twhole_blood_radioactivity\n0\t0\n30\t0\n3900\t0\n")
+    with pytest.raises(InputFunctionError) as err:
+        InputFunction.from_blood_tsv(tsv, units="kBq/ml")
+    assert str(err.value) == f"{tsv}: the input function is zero everywhere (3 samples, 0-3900 s)"

@@ -121,8 +121,8 @@ def test_frame_count_differs_between_image_and_sidecar(dataset):
 
 
 FRAMES_MINUS_ONE = {
-    "FrameTimesStart": list(FRAMES.starts_s[:-1]),
-    "FrameDuration": list(FRAMES.durations_s[:-1]),
+    "FrameTimesStart": list(FRAMES.starts_s[1:]),
+    "FrameDuration": list(FRAMES.durations_s[1:]),
 }
 
 
@@ -333,3 +333,45 @@ def test_truncated_or_corrupt_slices_file_names_the_file(tmp_path):
     path.write_bytes(bytes(damaged))
     with pytest.raises(KinpetInputError, match=r"sub-01\.npz: truncated or corrupt file"):
         read_slices(path)
+
+
+@pytest.mark.parametrize("value", ["false", "true", 0, None])
+def test_image_decay_corrected_must_be_a_boolean(dataset, value):
+    root, paths, _ = dataset
+    meta = json.loads(paths["pet_json"].read_text())
+    meta["ImageDecayCorrected"] = value
+    paths["pet_json"].write_text(json.dumps(meta))
+    check_error(
+        root,
+        f"{paths['pet_json']}: ImageDecayCorrected must be a JSON boolean .*not {value!r}",
+    )
+
+
+def test_frame_times_in_minutes_are_refused(dataset):
+    root, paths, _ = dataset
+    edit_json(
+        paths["pet_json"],
+        FrameTimesStart=list(FRAMES.starts_s / 60),
+        FrameDuration=list(FRAMES.durations_s / 60),
+    )
+    check_error(root, f"{paths['pet_json']}: the 6 frames end at 9 s, too short")
+
+
+def test_blood_recording_zero_everywhere_is_refused(dataset):
+    root, paths, _ = dataset
+    table = pd.read_csv(paths["blood"], sep="\t")
+    table["whole_blood_radioactivity"] = 0.0
+    table.to_csv(paths["blood"], sep="\t", index=False)
+    check_error(root, f"{paths['blood']}: the input function is zero everywhere")
+
+
+def test_image_derived_input_zero_everywhere_is_refused(dataset):
+    root, paths, truth = dataset
+    pet = truth["pet"].copy()
+    pet[truth["labels"] == NAMES.index("aorta")] = 0.0
+    replace_image(paths["pet"], pet)
+    check_error(
+        root,
+        f"{paths['pet']} \\(mean of the aorta label\\): the input function is zero everywhere",
+        input_function="aorta",
+    )

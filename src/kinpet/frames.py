@@ -22,6 +22,14 @@ PAPER_DURATIONS_S = (10.0,) * 2 + (2.0,) * 30 + (10.0,) * 4 + (30.0,) * 8
 PAPER_DURATIONS_S += (60.0,) * 4 + (120.0,) * 5 + (300.0,) * 9
 
 
+# A dynamic FDG scan lasts tens of minutes. One that ends within 5 min is almost always
+# frame times written in minutes where seconds are expected (a 65-min scan read as 65 s):
+# the fit would run and give wrong numbers. Beyond 4 h (more than two F-18 half-lives) a
+# dynamic scan is merely implausible (seconds read as minutes?): a warning.
+MIN_SCAN_S = 300.0
+LONG_SCAN_S = 4 * 3600.0
+
+
 class FrameScheduleError(ValueError):
     """A frame schedule is invalid; the message names the source when there is one."""
 
@@ -123,7 +131,9 @@ class FrameSchedule:
             # A single frame may be written as a bare number.
             starts = starts if isinstance(starts, list) else [starts]
             durations = durations if isinstance(durations, list) else [durations]
-        return cls(starts, durations, source=str(path))
+        frames = cls(starts, durations, source=str(path))
+        check_scan_length(frames, "PET-BIDS frame times are in seconds; are these minutes?")
+        return frames
 
     # -- derived quantities ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -178,3 +188,34 @@ class FrameSchedule:
             "FrameTimesStart": [float(x) for x in self.starts_s],
             "FrameDuration": [float(x) for x in self.durations_s],
         }
+
+
+def check_scan_length(frames: FrameSchedule, hint: str = "") -> None:
+    """Refuse a scan that ends within :data:`MIN_SCAN_S`; warn beyond :data:`LONG_SCAN_S`.
+
+    Parameters
+    ----------
+    frames : FrameSchedule
+    hint : str
+        What to tell the user (e.g. which option sets the time units), added to the message.
+
+    Raises
+    ------
+    FrameScheduleError
+        Naming the source and the end time.
+    """
+    import warnings
+
+    where = f"{frames.source}: " if frames.source else ""
+    end = frames.end_s
+    if end < MIN_SCAN_S:
+        raise FrameScheduleError(
+            f"{where}the {len(frames)} frames end at {end:g} s, too short for a dynamic FDG "
+            f"scan (at least {MIN_SCAN_S / 60:g} min){'; ' + hint if hint else ''}"
+        )
+    if end > LONG_SCAN_S:
+        warnings.warn(
+            f"{where}the {len(frames)} frames end at {end:g} s ({end / 3600:.3g} h), long for "
+            f"a dynamic F-18 scan{'; ' + hint if hint else ''}",
+            stacklevel=2,
+        )

@@ -122,6 +122,17 @@ class InputFunction:
         t = np.asarray(t_s, dtype=np.float64)
         return np.interp(t, self.knots_s, self.knot_values, left=0.0)
 
+    def check_not_zero(self) -> None:
+        """Raise when no sample is positive: there is nothing to model (every fit of it is
+        singular, and a network would predict maps from nothing)."""
+        if np.any(self.values > 0):
+            return
+        where = f"{self.source}: " if self.source else ""
+        raise InputFunctionError(
+            f"{where}the input function is zero everywhere ({self.values.size} samples, "
+            f"{self.times_s[0]:g}-{self.times_s[-1]:g} s)"
+        )
+
     # -- coverage -----------------------------------------------------------------------
     def uncovered_tail_s(self, frames) -> float:
         """How long the scan goes on after the last sample (s); 0 if covered."""
@@ -199,7 +210,9 @@ class InputFunction:
             values = table[name].to_numpy(dtype=np.float64) * factor
         except (TypeError, ValueError) as err:
             raise InputFunctionError(f"{path}: non-numeric values ({err})") from None
-        return cls(times, values, source=str(path))
+        blood = cls(times, values, source=str(path))
+        blood.check_not_zero()
+        return blood
 
     @classmethod
     def feng(

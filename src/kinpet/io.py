@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from kinpet.frames import FrameSchedule
+from kinpet.frames import FrameSchedule, check_scan_length
 from kinpet.inputfunction import InputFunction, units_to_kbq_per_ml
 
 
@@ -345,7 +345,14 @@ def read_pet_bids(
         raise KinpetInputError(
             f"{paths['pet_json']}: missing PET-BIDS field(s) {', '.join(missing)}"
         )
-    if sidecar.get("ImageDecayCorrected") is False:
+    decay_corrected = sidecar.get("ImageDecayCorrected", True)
+    if not isinstance(decay_corrected, bool):
+        # A string "false" is truthy: read as given it would pass as decay corrected.
+        raise KinpetInputError(
+            f"{paths['pet_json']}: ImageDecayCorrected must be a JSON boolean (true or "
+            f"false), not {decay_corrected!r}"
+        )
+    if decay_corrected is False:
         raise KinpetInputError(
             f"{paths['pet_json']}: ImageDecayCorrected is false; the kinetic model needs "
             "decay-corrected images"
@@ -439,6 +446,7 @@ def read_pet_bids(
             study.input_function = InputFunction(
                 frames.mids_s, aorta_means, source=f"{paths['pet']} (mean of the aorta label)"
             )
+            study.input_function.check_not_zero()
         except ValueError as err:
             raise KinpetInputError(str(err)) from None
     return study
@@ -716,8 +724,14 @@ def read_region_curves(
             raise KinpetInputError(f"time units must be s or min, not {time_units!r}")
         starts = _numeric(path, table, time_col) * factor
         durations = _numeric(path, table, duration_col) * factor
+        other = {"s": "min", "min": "s"}[time_units]
         try:
             frames = FrameSchedule(starts, durations, source=str(path))
+            check_scan_length(
+                frames,
+                f"columns {time_col!r} and {duration_col!r} read as {time_units}: if they are "
+                f"in {other}, give --time-units {other}",
+            )
         except ValueError as err:
             raise KinpetInputError(str(err)) from None
         used = [time_col, duration_col]
@@ -743,6 +757,7 @@ def read_region_curves(
             raise KinpetInputError(f"{path}: input column {input_col!r} has missing values")
         try:
             inp = InputFunction(frames.mids_s, values, source=f"{path}:{input_col}")
+            inp.check_not_zero()
         except ValueError as err:
             raise KinpetInputError(str(err)) from None
         used.append(input_col)
