@@ -25,7 +25,7 @@ from kinpet.fitting import (
     frame_weights,
 )
 from kinpet.frames import FrameSchedule
-from kinpet.inputfunction import InputFunction
+from kinpet.inputfunction import InputFunction, InputFunctionError
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, KineticModel, irreversible_2tc
 
 FRAMES = FrameSchedule.paper()
@@ -525,3 +525,70 @@ def test_fit_tacs_checks_every_output_before_writing(real_tacs_path, tmp_path, c
                             "--plot", str(out)], capsys)  # fmt: skip
     assert code == 2 and "both -o and --plot" in err and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tacs.tsv"]
+
+
+@pytest.mark.parametrize("method", ["fast", "curve_fit"])
+def test_a_zero_input_is_refused_before_fitting(method):
+    zero = InputFunction(FRAMES.mids_s, np.zeros(len(FRAMES)), source="sub-09_blood.tsv")
+    curves = np.ones((2, len(FRAMES)))
+    with pytest.raises(InputFunctionError, match="sub-09_blood.tsv: .* zero everywhere"):
+        fit(curves, zero, FRAMES, method=method)
+
+
+def test_fit_tacs_times_in_minutes_are_refused(real_tacs_path, tmp_path, capsys):
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    table[["frame_start_s", "frame_duration_s"]] /= 60.0
+    tsv = tmp_path / "minutes.tsv"
+    table.to_csv(tsv, sep="\t", index=False)
+    out = tmp_path / "fit.tsv"
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(tsv), "-o", str(out)], capsys)
+    assert code == 2 and not out.exists()
+    assert f"{tsv}: the 29 frames end at 60 s, too short for a dynamic FDG scan" in err
+    assert "--time-units min" in err
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(tsv), "--time-units", "min"], capsys)
+    assert code == 0, err
+    # Seconds given as minutes: possible in principle, so only a warning with the numbers.
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(real_tacs_path), "--time-units", "min"],
+                           capsys)  # fmt: skip
+    assert code == 0 and "frames end at 216000 s (60 h), long for" in err
+
+
+def test_fit_tacs_refuses_a_blood_recording_that_stops_early(real_tacs_path, tmp_path, capsys):
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    frames = FrameSchedule(table.frame_start_s, table.frame_duration_s)
+    pet_json = tmp_path / "sub-01_pet.json"
+    pet_json.write_text(json.dumps(frames.to_bids()))
+    blood = tmp_path / "sub-01_recording-idif_blood.tsv"
+    early = frames.mids_s < 1200
+    pd.DataFrame(
+        {"time": frames.mids_s[early], "whole_blood_radioactivity": table.aorta_bq_per_ml[early]}
+    ).to_csv(blood, sep="\t", index=False)
+    code, _, err = run_cli(["fit-tacs", "--pet-json", str(pet_json), "--blood-tsv", str(blood),
+                            "--blood-units", "Bq/ml", "--tsv", str(real_tacs_path),
+                            "--tissue-cols", "grey_matter_bq_per_ml"], capsys)  # fmt: skip
+    assert code == 2
+    assert f"{blood}: the input function ends at 1170 s but the scan ends at 3600 s" in err
+
+
+def test_fit_tacs_flags_a_strongly_negative_region(real_tacs_path, tmp_path, capsys):
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    # A background subtracted twice: the curve sinks well below zero late in the scan.
+    table["offset_bq_per_ml"] = table.grey_matter_bq_per_ml - 12000.0
+    path = tmp_path / "offset.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    code, out, err = run_cli(["fit-tacs", "--tsv", str(path)], capsys)
+    assert code == 0, err
+    res = pd.read_csv(StringIO(out), sep="\t").set_index("region")
+    bad = res.loc["offset_bq_per_ml"]
+    assert not bad.ok and bad.status == "strongly negative values" and np.isfinite(bad.K1)
+    assert res.loc["grey_matter_bq_per_ml"].ok and res.loc["liver_bq_per_ml"].ok
+    assert f"{path}: region 'offset_bq_per_ml' goes down to -12 kBq/ml" in err
+
+
+def test_fit_tacs_refuses_an_input_column_of_zeros(real_tacs_path, tmp_path, capsys):
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    table["aorta_bq_per_ml"] = 0.0
+    path = tmp_path / "zero_input.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    code, _, err = run_cli(["fit-tacs", "--tsv", str(path)], capsys)
+    assert code == 2 and f"{path}:aorta_bq_per_ml: the input function is zero everywhere" in err

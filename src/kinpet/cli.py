@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 
@@ -112,8 +113,13 @@ def _check_outputs(args) -> None:
 def cmd_fit_tacs(args) -> None:
     import pandas as pd
 
-    from kinpet.fitting import fit
-    from kinpet.io import KinpetInputError, read_region_curves, write_table_atomic
+    from kinpet.fitting import fit, flag_negative
+    from kinpet.io import (
+        NEGATIVE_TOLERANCE,
+        KinpetInputError,
+        read_region_curves,
+        write_table_atomic,
+    )
 
     _check_outputs(args)
     tissue_cols = [c.strip() for c in args.tissue_cols.split(",")] if args.tissue_cols else None
@@ -139,9 +145,19 @@ def cmd_fit_tacs(args) -> None:
         inp = InputFunction.from_blood_tsv(
             args.blood_tsv, column=args.blood_column, units=args.blood_units
         )
+    # The pipeline's rule (kinpet.io.read_pet_bids): an input that stops early is an error.
+    inp.check_covers(frames, strict=True)
     result = fit(
         curves, inp, frames, method=args.method, weights=args.weights, sampling=args.sampling
     )
+    for i in flag_negative(result, curves, NEGATIVE_TOLERANCE):
+        low, high = np.nanmin(curves[i]), np.nanmax(curves[i])
+        warnings.warn(
+            f"{args.tsv}: region {names[i]!r} goes down to {low:.4g} kBq/ml, "
+            f"{-low / high:.0%} of its maximum {high:.4g} kBq/ml (more than "
+            f"{NEGATIVE_TOLERANCE:.0%}: wrong scale or offset?); flagged ok=False",
+            stacklevel=1,
+        )
     table = pd.DataFrame({"region": names, **result.as_dict()})
     # Render everything first, then write: a failure leaves no half-written output.
     figure = _fit_figure(frames, inp, names, curves, result) if args.plot else None
@@ -167,14 +183,16 @@ def _fit_figure(frames, inp, names, curves, result):
     n = len(names)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
     t = frames.mids_min
-    for ax, name, y, p, ok in zip(axes[0], names, curves, result.params, result.ok, strict=True):
+    rows = zip(axes[0], names, curves, result.params, result.reasons(), strict=True)
+    for ax, name, y, p, reason in rows:
         ax.plot(t, y, "o", ms=4, label="measured")
-        if ok:
+        if np.isfinite(p).all():  # flagged fits (e.g. negative curves) are drawn too
             fitted = irreversible_2tc(p, inp, frames, sampling=result.sampling)
             ax.plot(t, fitted, "-", label="fitted")
-            ax.set_title(f"{name}\nK1={p[0]:.3g} k2={p[1]:.3g} k3={p[2]:.3g} Vb={p[3]:.2g}")
+            flag = "" if reason == "ok" else f" ({reason})"
+            ax.set_title(f"{name}{flag}\nK1={p[0]:.3g} k2={p[1]:.3g} k3={p[2]:.3g} Vb={p[3]:.2g}")
         else:
-            ax.set_title(f"{name}: not fitted")
+            ax.set_title(f"{name}: not fitted ({reason})")
         ax.set_xlabel("time after injection (min)")
         ax.set_ylabel("activity (kBq/ml)")
         ax.legend(frameon=False)
@@ -297,11 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, OSError) as err:
-        # Our errors name the file and the problem; a traceback would only hide that.
-        print(f"kinpet {args.command}: error: {err}", file=sys.stderr)
+    # Warnings (implausible but possible input) in the same one-line form as errors.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            args.func(args)
+        except (ValueError, OSError) as err:
+            # Our errors name the file and the problem; a traceback would only hide that.
+            error = err
+        else:
+            error = None
+    for warning in caught:
+        print(f"kinpet {args.command}: warning: {warning.message}", file=sys.stderr)
+    if error is not None:
+        print(f"kinpet {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

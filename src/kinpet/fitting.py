@@ -65,7 +65,15 @@ STATUS_NONFINITE = 1
 STATUS_ALL_ZERO = 2
 STATUS_TOO_FEW_POSITIVE = 3
 STATUS_FAILED = 4
-STATUS_NAMES = ("ok", "non-finite values", "all zero", "too few positive frames", "fit failed")
+STATUS_NEGATIVE = 5
+STATUS_NAMES = (
+    "ok",
+    "non-finite values",
+    "all zero",
+    "too few positive frames",
+    "fit failed",
+    "strongly negative values",
+)
 
 # (min, max, count), log-spaced, 1/min. 100 values (steps of 5.5 %) give, after the polish,
 # the same SSE as 200 on benchmarks/fitting.py at half the grid's cost.
@@ -222,6 +230,29 @@ def screen_curves(tacs: np.ndarray) -> np.ndarray:
     return status
 
 
+def flag_negative(result: FitResult, tacs, tolerance: float) -> np.ndarray:
+    """Mark fitted curves whose minimum lies below ``-tolerance`` times their maximum as
+    not ok (status "strongly negative values"); their values are kept to look at.
+
+    The model cannot go below 0, so it fits such a curve as well as it can and reports
+    numbers that look fine. For region means that is no noise but a wrong scale, an
+    offset or a bad background subtraction. (Not applied to voxels, whose noise can be
+    large against their own maximum.)
+
+    Returns
+    -------
+    numpy.ndarray of int
+        Indices of the curves flagged.
+    """
+    y = np.atleast_2d(np.asarray(tacs, dtype=np.float64))
+    with np.errstate(invalid="ignore"):
+        low, high = np.nanmin(y, axis=1), np.nanmax(y, axis=1)
+        bad = result.ok & (high > 0) & (low < -tolerance * high)
+    result.ok[bad] = False
+    result.status[bad] = STATUS_NEGATIVE
+    return np.flatnonzero(bad)
+
+
 def _ki(params):
     return params[..., 0] * params[..., 2] / (params[..., 1] + params[..., 2])
 
@@ -298,6 +329,8 @@ def fit(
     w = frame_weights(frames, weights)
     lo, hi = check_bounds(bounds)
     model = KineticModel(input_function, frames, sampling)
+    # A zero input makes every linear step singular: say so instead of a LinAlgError.
+    input_function.check_not_zero()
     status = screen_curves(y)
     params = np.full((y.shape[0], 4), np.nan)
     sse = np.full(y.shape[0], np.nan)
