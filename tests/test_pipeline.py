@@ -500,6 +500,64 @@ def test_user_data_asks_for_the_paper_figures_but_no_truth(workdir):
     assert "config/organ_values.tsv" in res.stdout
 
 
+def planned_jobs(stdout):
+    """(rule, wildcards) of every job in a dry run's output."""
+    jobs, rule, wildcards = [], None, ""
+    for line in stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            if rule is not None:
+                jobs.append((rule, wildcards))
+            rule, wildcards = line.split()[1].rstrip(":"), ""
+        elif rule is not None and line.strip().startswith("wildcards:"):
+            wildcards = line.split(":", 1)[1].strip()
+    if rule is not None:
+        jobs.append((rule, wildcards))
+    return jobs
+
+
+def test_adding_a_subject_plans_only_its_jobs_and_the_aggregations(tiny_run):
+    """Rules take only the params they read: a fifth phantom subject, added to the test
+    split, re-simulates none of the first four and retrains nothing."""
+    config = yaml.safe_load((tiny_run / "tests/config/tiny.yaml").read_text())
+    config["phantom"]["subjects"] = 5
+    config["data"]["split"]["test"] = ["sub-04", "sub-05"]
+    (tiny_run / "plus_one.yaml").write_text(yaml.safe_dump(config))
+    res = snakemake(
+        *TINY_TARGETS, "-n", "--cores", "2", "--configfile", "plus_one.yaml", cwd=tiny_run
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    jobs = planned_jobs(res.stdout)
+    per_subject = {(rule, w) for rule, w in jobs if w}
+    # Every job with wildcards is the new subject's (another test may have removed a chunk
+    # of sub-04's fast fit; that chunk and its gather are the only exception).
+    other = {(r, w) for r, w in per_subject if "sub-05" not in w}
+    assert other <= {
+        ("fit_chunk", "method=fast, subject=sub-04, chunk=1"),
+        ("gather_fit", "method=fast, subject=sub-04"),
+    }, other
+    new = {rule for rule, w in per_subject if "sub-05" in w}
+    assert {
+        "simulate",
+        "resample",
+        "slices",
+        "predict",
+        "organ_fit",
+        "fit_chunk",
+        "gather_fit",
+        "resample_truth",
+    } <= new, new
+    assert "train" not in {rule for rule, _ in jobs}
+    aggregations = {rule for rule, w in jobs if not w}
+    assert aggregations <= {
+        "all",
+        "table1",
+        "figure2",
+        "runtime_table",
+        "truth_recovery",
+        "phantom_dataset",
+    }, aggregations
+
+
 def test_deleting_one_chunk_recomputes_only_that_chunk(tiny_run):
     """A lost chunk (e.g. a failed cluster job, so the maps were never gathered): the
     re-run plans that chunk and the gather, nothing else."""

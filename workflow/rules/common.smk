@@ -35,6 +35,17 @@ os.environ.update(
 
 
 # -- Subjects and PET-BIDS inputs (preprocess.smk) ---------------------------------------
+def canonical(value):
+    """A config value with every mapping's keys sorted, for a rule's params: Snakemake
+    compares params by their text, so reordering the keys of a config file would
+    otherwise rerun the jobs that read them."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    return value
+
+
 DATA = config["data"]
 PREPROCESS = config["preprocess"]
 SPLIT = {role: DATA["split"].get(role, []) for role in ("train", "validation", "test")}
@@ -224,14 +235,74 @@ def job_threads(name):
     return min(value, cores) if isinstance(cores, int) else value
 
 
-def best_prediction_maps(subjects, ablation=BEST):
-    """The maps of the best ablation (the figures' network) for these subjects."""
-    return expand(
-        "results/prediction/{ablation}/{subject}/{subject}_desc-{name}_kinpar.nii.gz",
-        ablation=ablation,
+# -- Paths keyed by wildcards, for the rules that aggregate over subjects --------------
+# Such a rule takes the leaves of a keyed() tree as its input and the tree itself as a
+# param of the same name, so its script looks each file up by its wildcards
+# (params.truth["sub-04"]["K1"]) instead of relying on the order of expand().
+
+
+def keyed(pattern, **wildcards):
+    """The paths of ``pattern`` as nested dicts, one level per keyword in the order given.
+
+    keyed("{s}/{n}.nii", s=["a"], n=["K1", "k2"]) == {"a": {"K1": "a/K1.nii", "k2": "a/k2.nii"}}
+    """
+    if not wildcards:
+        return pattern
+    (name, values), *rest = wildcards.items()
+    return {
+        str(value): keyed(pattern.replace(f"{{{name}}}", str(value)), **dict(rest))
+        for value in values
+    }
+
+
+def leaves(tree):
+    """Every path of a keyed() tree, in order."""
+    if isinstance(tree, dict):
+        return [path for branch in tree.values() for path in leaves(branch)]
+    return [tree]
+
+
+def test_files(pattern):
+    """``pattern`` for every test subject, keyed by subject."""
+    return keyed(pattern, subject=SPLIT["test"])
+
+
+def network_maps(subjects, ablation=BEST):
+    """The maps of the best ablation (the figures' network), keyed by subject and name."""
+    return keyed(
+        f"results/prediction/{ablation}/{{subject}}/{{subject}}_desc-{{name}}_kinpar.nii.gz",
         subject=subjects,
         name=MAP_NAMES,
     )
+
+
+def best_prediction_maps(subjects, ablation=BEST):
+    """The maps of the best ablation for these subjects, as a list."""
+    return leaves(network_maps(subjects, ablation))
+
+
+def truth_maps():
+    """The true maps of the test subjects at 2.5 mm, keyed by subject and name."""
+    return keyed(
+        "results/evaluation/truth/{subject}/{subject}_desc-{name}_truth.nii.gz",
+        subject=SPLIT["test"],
+        name=TRUTH_NAMES,
+    )
+
+
+def fit_maps(names=MAP_NAMES):
+    """The voxel-wise fits of the test subjects, keyed by method, subject and name."""
+    return keyed(
+        "results/fit/{method}/{subject}/{subject}_desc-{name}_kinpar.nii.gz",
+        method=FIT["methods"],
+        subject=SPLIT["test"],
+        name=names,
+    )
+
+
+def reference_is_truth():
+    """Fig. 2's reference: the phantom's true maps unless a table of values is given."""
+    return not EVALUATION["reference_values"] and DATA["source"] == "phantom"
 
 
 def figure2_reference(wildcards):
@@ -239,13 +310,7 @@ def figure2_reference(wildcards):
     (their organ means, on the same masks as the network's)."""
     if EVALUATION["reference_values"]:
         return [EVALUATION["reference_values"]]
-    if DATA["source"] == "phantom":
-        return expand(
-            "results/evaluation/truth/{subject}/{subject}_desc-{name}_truth.nii.gz",
-            subject=SPLIT["test"],
-            name=TRUTH_NAMES,
-        )
-    return []
+    return leaves(truth_maps()) if reference_is_truth() else []
 
 
 def evaluation_outputs():

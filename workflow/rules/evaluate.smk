@@ -3,14 +3,19 @@
 # benchmarks and writes under results/tables and results/figures.
 
 
+TABLE1_METRICS = keyed(
+    "results/prediction/{ablation}/{subject}/slice_metrics.tsv",
+    ablation=list(ABLATIONS),
+    subject=SPLIT["test"],
+)
+TEST_LABELS = "results/preprocessed/{subject}/labels_2p5mm.nii.gz"
+TEST_LABEL_TABLES = "results/preprocessed/{subject}/labels.tsv"
+
+
 rule table1:
     input:
-        metrics=expand(
-            "results/prediction/{ablation}/{subject}/slice_metrics.tsv",
-            ablation=list(ABLATIONS),
-            subject=SPLIT["test"],
-        ),
-        slices=expand("results/slices/{subject}.npz", subject=SPLIT["test"]),
+        metrics=leaves(TABLE1_METRICS),
+        slices=leaves(test_files("results/slices/{subject}.npz")),
     output:
         csv=report(
             "results/tables/table1.csv",
@@ -25,7 +30,8 @@ rule table1:
         "../../envs/kinpet.yaml"
     params:
         ablations=ABLATIONS,
-        subjects=SPLIT["test"],
+        metrics=TABLE1_METRICS,
+        slices=test_files("results/slices/{subject}.npz"),
     script:
         "../scripts/table1.py"
 
@@ -33,13 +39,9 @@ rule table1:
 rule figure2:
     input:
         maps=best_prediction_maps(SPLIT["test"]),
-        labels=expand(
-            "results/preprocessed/{subject}/labels_2p5mm.nii.gz", subject=SPLIT["test"]
-        ),
-        labels_tsv=expand(
-            "results/preprocessed/{subject}/labels.tsv", subject=SPLIT["test"]
-        ),
-        organ_fits=expand("results/fit/organ/{subject}.tsv", subject=SPLIT["test"]),
+        labels=leaves(test_files(TEST_LABELS)),
+        labels_tsv=leaves(test_files(TEST_LABEL_TABLES)),
+        organ_fits=leaves(test_files("results/fit/organ/{subject}.tsv")),
         reference=figure2_reference,
     output:
         png=report(
@@ -61,12 +63,14 @@ rule figure2:
     conda:
         "../../envs/kinpet.yaml"
     params:
-        subjects=SPLIT["test"],
+        maps=network_maps(SPLIT["test"]),
+        labels=test_files(TEST_LABELS),
+        labels_tsv=test_files(TEST_LABEL_TABLES),
+        organ_fits=test_files("results/fit/organ/{subject}.tsv"),
+        truth=truth_maps() if reference_is_truth() else None,
         organs=EVALUATION["organs"],
         ablation=BEST,
         reference_name=EVALUATION["reference_name"],
-        reference_is_truth=not EVALUATION["reference_values"]
-        and DATA["source"] == "phantom",
     script:
         "../scripts/figure2.py"
 
@@ -124,28 +128,26 @@ rule figure4:
         "../scripts/figure4.py"
 
 
+FIT_BENCHMARKS, FIT_CHUNKS = (
+    keyed(
+        pattern,
+        method=FIT["methods"],
+        subject=SPLIT["test"],
+        chunk=range(FIT["chunks"]),
+    )
+    for pattern in (
+        "results/benchmarks/fit_chunk/{method}/{subject}/chunk-{chunk}.tsv",
+        "results/fit/{method}/{subject}/chunk-{chunk}.npz",
+    )
+)
+
+
 rule runtime_table:
     input:
-        predict=expand(
-            "results/benchmarks/predict/{ablation}/{subject}.tsv",
-            ablation=BEST,
-            subject=SPLIT["test"],
-        ),
-        fit_benchmarks=expand(
-            "results/benchmarks/fit_chunk/{method}/{subject}/chunk-{chunk}.tsv",
-            method=FIT["methods"],
-            subject=SPLIT["test"],
-            chunk=range(FIT["chunks"]),
-        ),
-        chunks=expand(
-            "results/fit/{method}/{subject}/chunk-{chunk}.npz",
-            method=FIT["methods"],
-            subject=SPLIT["test"],
-            chunk=range(FIT["chunks"]),
-        ),
-        labels=expand(
-            "results/preprocessed/{subject}/labels_2p5mm.nii.gz", subject=SPLIT["test"]
-        ),
+        predict=leaves(test_files(f"results/benchmarks/predict/{BEST}/{{subject}}.tsv")),
+        fit_benchmarks=leaves(FIT_BENCHMARKS),
+        chunks=leaves(FIT_CHUNKS),
+        labels=leaves(test_files(TEST_LABELS)),
     output:
         csv=report(
             "results/tables/runtime.csv",
@@ -159,9 +161,10 @@ rule runtime_table:
     conda:
         "../../envs/kinpet.yaml"
     params:
-        subjects=SPLIT["test"],
-        methods=FIT["methods"],
-        chunks=FIT["chunks"],
+        predict=test_files(f"results/benchmarks/predict/{BEST}/{{subject}}.tsv"),
+        fit_benchmarks=FIT_BENCHMARKS,
+        chunks=FIT_CHUNKS,
+        labels=test_files(TEST_LABELS),
         threads=lambda wildcards: {
             "network": job_threads("predict"),
             **{method: job_threads("fit_chunk") for method in FIT["methods"]},
@@ -194,24 +197,11 @@ rule resample_truth:
 
 rule truth_recovery:
     input:
-        truth=expand(
-            "results/evaluation/truth/{subject}/{subject}_desc-{name}_truth.nii.gz",
-            subject=SPLIT["test"],
-            name=TRUTH_NAMES,
-        ),
+        truth=leaves(truth_maps()),
         network=best_prediction_maps(SPLIT["test"]),
-        fits=expand(
-            "results/fit/{method}/{subject}/{subject}_desc-{name}_kinpar.nii.gz",
-            method=FIT["methods"],
-            subject=SPLIT["test"],
-            name=MAP_NAMES,
-        ),
-        labels=expand(
-            "results/preprocessed/{subject}/labels_2p5mm.nii.gz", subject=SPLIT["test"]
-        ),
-        labels_tsv=expand(
-            "results/preprocessed/{subject}/labels.tsv", subject=SPLIT["test"]
-        ),
+        fits=leaves(fit_maps()),
+        labels=leaves(test_files(TEST_LABELS)),
+        labels_tsv=leaves(test_files(TEST_LABEL_TABLES)),
     output:
         csv=report(
             "results/tables/truth_recovery.csv",
@@ -242,20 +232,27 @@ rule truth_recovery:
     conda:
         "../../envs/kinpet.yaml"
     params:
-        subjects=SPLIT["test"],
-        methods=FIT["methods"],
+        truth=truth_maps(),
+        network=network_maps(SPLIT["test"]),
+        fits=fit_maps(),
+        labels=test_files(TEST_LABELS),
+        labels_tsv=test_files(TEST_LABEL_TABLES),
         organs=EVALUATION["organs"],
         erode_voxels=EVALUATION["erode_voxels"],
     script:
         "../scripts/truth_recovery.py"
 
 
+TRAINING_LOGS, TRAINING_MONITORS = (
+    keyed(f"results/training/{{ablation}}/{name}", ablation=list(ABLATIONS))
+    for name in ("log.csv", "monitor.csv")
+)
+
+
 rule convergence:
     input:
-        logs=expand("results/training/{ablation}/log.csv", ablation=list(ABLATIONS)),
-        monitors=expand(
-            "results/training/{ablation}/monitor.csv", ablation=list(ABLATIONS)
-        ),
+        logs=leaves(TRAINING_LOGS),
+        monitors=leaves(TRAINING_MONITORS),
     output:
         png=report(
             "results/figures/convergence.png",
@@ -269,7 +266,8 @@ rule convergence:
     conda:
         "../../envs/kinpet.yaml"
     params:
-        ablations=list(ABLATIONS),
+        logs=TRAINING_LOGS,
+        monitors=TRAINING_MONITORS,
         organs=[o for o in EVALUATION["organs"] if o != "lungs"],
     script:
         "../scripts/convergence.py"

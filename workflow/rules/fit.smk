@@ -22,7 +22,8 @@ rule organ_fit:
         "../../envs/kinpet.yaml"
     threads: 1
     params:
-        fit=FIT,
+        weights=FIT["weights"],
+        sampling=FIT["sampling"],
     script:
         "../scripts/organ_fit.py"
 
@@ -47,7 +48,13 @@ rule fit_chunk:
         mem_mb=4000,
         runtime=60,
     params:
-        fit=FIT,
+        chunks=FIT["chunks"],
+        # Only the reference method reads it, so a change leaves the fast fits alone.
+        slices=lambda wildcards: (
+            FIT["reference_slices"] if wildcards.method == "curve_fit" else "all"
+        ),
+        weights=FIT["weights"],
+        sampling=FIT["sampling"],
     script:
         "../scripts/fit_chunk.py"
 

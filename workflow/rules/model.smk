@@ -7,8 +7,8 @@ rule input_function:
     conda:
         "../../envs/kinpet.yaml"
     params:
-        input_function=config["input_function"],
-        frames=config["frames"],
+        input_function=canonical(config["input_function"]),
+        frames=canonical(config["frames"]),
     script:
         "../scripts/input_function.py"
 
@@ -24,7 +24,7 @@ rule organ_curves:
     conda:
         "../../envs/kinpet.yaml"
     params:
-        frames=config["frames"],
+        frames=canonical(config["frames"]),
     script:
         "../scripts/organ_curves.py"
 

@@ -38,8 +38,19 @@ rule simulate:
         "results/benchmarks/simulate/{subject}.tsv"
     conda:
         "../../envs/kinpet.yaml"
+    # Each subject's own random stream comes from the seed and its id, so the subject
+    # count is not a parameter: adding subjects leaves the simulated ones alone.
     params:
-        phantom=PHANTOM,
+        seed=PHANTOM["seed"],
+        size=PHANTOM["size"],
+        voxel_mm=PHANTOM["voxel_mm"],
+        input_peak_kbq_per_ml=PHANTOM["input_peak_kbq_per_ml"],
+        input_delay_s=PHANTOM["input_delay_s"],
+        parameter_cv=PHANTOM["parameter_cv"],
+        spatial_cv=PHANTOM["spatial_cv"],
+        frames=canonical(PHANTOM["frames"]),
+        fwhm_mm=PHANTOM["fwhm_mm"],
+        noise_cov=PHANTOM["noise_cov"],
     script:
         "../scripts/simulate.py"
 

@@ -30,7 +30,7 @@ rule train:
         mem_mb=8000,
         runtime=720,
     params:
-        ablation=lambda wildcards: ABLATIONS[wildcards.ablation],
+        ablation=lambda wildcards: canonical(ABLATIONS[wildcards.ablation]),
         settings=TRAINING_SETTINGS,
         monitor_organs=EVALUATION["organs"],
         erode_voxels=EVALUATION["erode_voxels"],

@@ -12,10 +12,8 @@ from kinpet.io import atomic_path
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
 tables = []
-for ablation, log_path, monitor_path in zip(
-    sm.params.ablations, sm.input.logs, sm.input.monitors, strict=True
-):
-    assert f"/{ablation}/" in log_path and f"/{ablation}/" in monitor_path
+for ablation, log_path in sm.params.logs.items():
+    monitor_path = sm.params.monitors[ablation]
     monitor = pd.read_csv(monitor_path)
     if monitor.empty:
         raise ValueError(f"{monitor_path}: no monitored epochs (is training.monitor on?)")

@@ -21,27 +21,22 @@ from kinpet.io import KinpetInputError, atomic_path, read_label_table, read_orga
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
-subjects, organs = list(sm.params.subjects), list(sm.params.organs)
+organs = list(sm.params.organs)
 
 
-def subject_organ_means(subject, labels_path, tsv, paths):
-    """Organ means of one subject's parameter maps; ``paths`` yields them in PARAMETERS order."""
+def subject_organ_means(subject, paths):
+    """Organ means of one subject's parameter maps, from their paths keyed by name."""
+    tsv = sm.params.labels_tsv[subject]
     index = organ_indices(read_label_table(tsv), organs, source=tsv)
-    labels = np.asarray(nib.load(labels_path).dataobj)
-    volumes = {}
-    for name in PARAMETERS:
-        path = next(paths)
-        assert f"/{subject}/" in path and f"desc-{name}_" in path, path
-        volumes[name] = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    labels = np.asarray(nib.load(sm.params.labels[subject]).dataobj)
+    volumes = {n: np.asarray(nib.load(paths[n]).dataobj, dtype=np.float32) for n in PARAMETERS}
     return organ_means(volumes, labels, index)
 
 
-maps = iter(sm.input.maps)  # expand(): subject outer, parameter inner
 rows = []
-for subject, labels_path, tsv, fits_path in zip(
-    subjects, sm.input.labels, sm.input.labels_tsv, sm.input.organ_fits, strict=True
-):
-    means = subject_organ_means(subject, labels_path, tsv, maps)
+for subject, labels_path in sm.params.labels.items():
+    fits_path = sm.params.organ_fits[subject]
+    means = subject_organ_means(subject, sm.params.maps[subject])
     for _, row in means[means["voxels"] == 0].iterrows():
         print(f"{subject}: no voxels of {row.organ} in {labels_path}", file=sys.stderr)
     rows.append(means.assign(subject=subject, method="network"))
@@ -54,13 +49,10 @@ for subject, labels_path, tsv, fits_path in zip(
     rows.append(long.assign(subject=subject))
 
 given_sd = None
-if sm.params.reference_is_truth:
+if sm.params.truth is not None:
     # The phantom's true maps (resampled to 2.5 mm), averaged over the same organ masks.
-    truth = iter(sm.input.reference)  # expand(): subject outer, parameter inner
-    for subject, labels_path, tsv in zip(
-        subjects, sm.input.labels, sm.input.labels_tsv, strict=True
-    ):
-        means = subject_organ_means(subject, labels_path, tsv, truth)
+    for subject, paths in sm.params.truth.items():
+        means = subject_organ_means(subject, paths)
         rows.append(means.assign(subject=subject, method="reference"))
 elif sm.input.reference:
     path = sm.input.reference[0]
@@ -90,7 +82,7 @@ summary = summary.sort_values(
 with atomic_path(sm.output.csv) as tmp:
     summary.to_csv(tmp, index=False)
 
-reference_label = "truth" if sm.params.reference_is_truth else sm.params.reference_name
+reference_label = "truth" if sm.params.truth is not None else sm.params.reference_name
 labels = {
     "network": f"network ({sm.params.ablation})",
     "curve_fit": "curve fit (organ TAC)",

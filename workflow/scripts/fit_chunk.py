@@ -14,13 +14,11 @@ from kinpet.voxelfit import MAP_NAMES, chunk_bounds, covered_slices, figure_slic
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
 torch.set_num_threads(sm.threads)
-cfg = sm.params.fit
 method, chunk = sm.wildcards.method, int(sm.wildcards.chunk)
 pet_img = nib.load(sm.input.pet)
 labels = np.asarray(nib.load(sm.input.labels).dataobj)
-z0, z1 = chunk_bounds(labels.shape[2], cfg["chunks"], chunk)
-# The reference method covers the configured slices; the fast fitter the whole body.
-spec = cfg["reference_slices"] if method == "curve_fit" else "all"
+z0, z1 = chunk_bounds(labels.shape[2], sm.params.chunks, chunk)
+spec = sm.params.slices  # the reference method's configured slices; "all" for the fast fitter
 figure_z = (
     figure_slice(labels, read_label_table(sm.input.labels_tsv)) if spec == "figure4" else None
 )
@@ -29,7 +27,7 @@ frames = FrameSchedule.from_bids_json(sm.input.pet_json)
 inp = InputFunction.from_blood_tsv(sm.input.blood)
 pet = np.asarray(pet_img.dataobj[:, :, z0:z1, :], dtype=np.float32)
 mask = labels[:, :, z0:z1] > 0  # the body; outside it the maps stay NaN
-options = {"weights": cfg["weights"], "sampling": cfg["sampling"]}
+options = {"weights": sm.params.weights, "sampling": sm.params.sampling}
 if method == "curve_fit":
     options["n_jobs"] = sm.threads
 maps, n = fit_chunk(pet, mask, 0, z1 - z0, covered[z0:z1], inp, frames, method, **options)

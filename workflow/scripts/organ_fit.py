@@ -15,7 +15,6 @@ from kinpet.preprocessing import mean_curve
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
-cfg = sm.params.fit
 pet = nib.load(sm.input.pet)
 labels = np.asarray(nib.load(sm.input.labels).dataobj)
 names = read_label_table(sm.input.labels_tsv)
@@ -26,7 +25,9 @@ organs = [n for n, i in names.items() if n != "background" and np.any(labels == 
 curves = np.stack([mean_curve(data, labels == names[n]) for n in organs])
 rows = []
 for method in ("curve_fit", "fast"):
-    res = fit(curves, inp, frames, method=method, weights=cfg["weights"], sampling=cfg["sampling"])
+    res = fit(
+        curves, inp, frames, method=method, weights=sm.params.weights, sampling=sm.params.sampling
+    )
     for organ, p, ki, sse in zip(organs, res.params, res.ki, res.sse, strict=True):
         rows.append(
             {

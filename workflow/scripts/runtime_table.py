@@ -12,7 +12,7 @@ from kinpet.io import KinpetInputError, atomic_path
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
-subjects, methods = list(sm.params.subjects), list(sm.params.methods)
+methods = list(sm.params.chunks)  # keyed by method, subject, chunk
 
 
 def wall_seconds(path) -> float:
@@ -24,24 +24,21 @@ def wall_seconds(path) -> float:
 
 counts = {
     subject: body_voxel_counts(np.asarray(nib.load(path).dataobj))
-    for subject, path in zip(subjects, sm.input.labels, strict=True)
+    for subject, path in sm.params.labels.items()
 }
 network = pd.DataFrame(
     [
         {"subject": subject, "seconds": wall_seconds(path), **counts[subject]}
-        for subject, path in zip(subjects, sm.input.predict, strict=True)
+        for subject, path in sm.params.predict.items()
     ]
 )
 rows = []
-benchmarks, chunks = iter(sm.input.fit_benchmarks), iter(sm.input.chunks)
-for method in methods:  # expand(): method, subject, chunk
-    for subject in subjects:
+for method in methods:
+    for subject, chunks in sm.params.chunks[method].items():
         seconds, fitted = 0.0, 0
-        for _ in range(sm.params.chunks):
-            bench, chunk = next(benchmarks), next(chunks)
-            assert f"/{method}/{subject}/" in bench and f"/{method}/{subject}/" in chunk
-            seconds += wall_seconds(bench)
-            with np.load(chunk) as data:
+        for chunk, path in chunks.items():
+            seconds += wall_seconds(sm.params.fit_benchmarks[method][subject][chunk])
+            with np.load(path) as data:
                 fitted += int(data["voxels"])
         rows.append(
             {

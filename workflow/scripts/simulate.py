@@ -7,27 +7,27 @@ from kinpet import phantom
 from kinpet.io import frames_from_spec, read_organ_values
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
-cfg = snakemake.params.phantom  # noqa: F821
+cfg = snakemake.params  # noqa: F821
 subject_id = snakemake.wildcards.subject  # noqa: F821
 subject = phantom.make_subject(
     subject_id,
-    seed=cfg["seed"],
-    size=cfg["size"],
+    seed=cfg.seed,
+    size=cfg.size,
     organ_values=read_organ_values(snakemake.input.organs),  # noqa: F821
-    voxel_mm=cfg["voxel_mm"],
-    input_peak_kbq_per_ml=tuple(cfg["input_peak_kbq_per_ml"]),
-    input_delay_s=tuple(cfg["input_delay_s"]),
-    parameter_cv=cfg["parameter_cv"],
-    spatial_cv=cfg["spatial_cv"],
+    voxel_mm=cfg.voxel_mm,
+    input_peak_kbq_per_ml=tuple(cfg.input_peak_kbq_per_ml),
+    input_delay_s=tuple(cfg.input_delay_s),
+    parameter_cv=cfg.parameter_cv,
+    spatial_cv=cfg.spatial_cv,
 )
 # The dataset root is three levels above the PET file: <root>/sub-XX/pet/sub-XX_pet.nii.gz.
 root = Path(snakemake.output.pet).parents[2]  # noqa: F821
 summary = phantom.simulate_subject(
     subject,
     root,
-    frames=frames_from_spec(cfg["frames"]),
-    fwhm_mm=cfg["fwhm_mm"],
-    noise_cov=cfg["noise_cov"],
+    frames=frames_from_spec(cfg.frames),
+    fwhm_mm=cfg.fwhm_mm,
+    noise_cov=cfg.noise_cov,
     threads=snakemake.threads,  # noqa: F821
 )
 print(summary, file=sys.stderr)

@@ -10,19 +10,16 @@ from kinpet.io import atomic_path
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
-subjects = list(sm.params.subjects)
+subjects = list(sm.params.slices)
 # The test slices are those of the slice dataset (lungs to bladder), as in the paper.
 test_z = {}
-for subject, path in zip(subjects, sm.input.slices, strict=True):
+for subject, path in sm.params.slices.items():
     with np.load(path) as data:
         test_z[subject] = data["z"]
-paths = iter(sm.input.metrics)  # expand(): ablation outer, subject inner
 rows = []
 for name, design in sm.params.ablations.items():
     parts = []
-    for subject in subjects:
-        path = next(paths)
-        assert f"/{name}/{subject}/" in path, path
+    for subject, path in sm.params.metrics[name].items():
         metrics = pd.read_csv(path, sep="\t")
         parts.append(metrics[metrics["z"].isin(test_z[subject])].assign(subject=subject))
     summary = slice_metric_summary(pd.concat(parts, ignore_index=True))

@@ -19,36 +19,27 @@ from kinpet.io import atomic_path, read_label_table
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
-subjects, fit_methods = list(sm.params.subjects), list(sm.params.methods)
+fit_methods = list(sm.params.fits)  # keyed by method, subject, parameter
 figure_organs = list(sm.params.organs)
 
 
-def read_map(path, subject, name):
-    assert f"/{subject}/" in path and f"desc-{name}_" in path, path
-    return np.asarray(nib.load(path).dataobj, dtype=np.float32)
+def read_maps(paths):
+    """The parameter maps of one subject and method, from their paths keyed by name."""
+    return {n: np.asarray(nib.load(paths[n]).dataobj, dtype=np.float32) for n in PARAMETERS}
 
 
-# expand() orders: truth and network subject/parameter; fits method/subject/parameter
-truth_paths, network_paths = iter(sm.input.truth), iter(sm.input.network)
-fit_paths = {m: {} for m in fit_methods}
-paths = iter(sm.input.fits)
-for method in fit_methods:
-    for subject in subjects:
-        fit_paths[method][subject] = [next(paths) for _ in PARAMETERS]
 errors, smooth = [], []
-for subject, labels_path, tsv in zip(subjects, sm.input.labels, sm.input.labels_tsv, strict=True):
+for subject, labels_path in sm.params.labels.items():
+    tsv = sm.params.labels_tsv[subject]
     names = read_label_table(tsv)
     index = organ_indices(names, figure_organs, source=tsv)
     # Every labelled region in the table, the figure's organs first.
     index.update({n: i for n, i in names.items() if n not in index and n != "background"})
     labels = np.asarray(nib.load(labels_path).dataobj)
-    truth = {n: read_map(next(truth_paths), subject, n) for n in PARAMETERS}
-    estimates = {"network": {n: read_map(next(network_paths), subject, n) for n in PARAMETERS}}
+    truth = read_maps(sm.params.truth[subject])
+    estimates = {"network": read_maps(sm.params.network[subject])}
     for method in fit_methods:
-        estimates[method] = {
-            n: read_map(p, subject, n)
-            for n, p in zip(PARAMETERS, fit_paths[method][subject], strict=True)
-        }
+        estimates[method] = read_maps(sm.params.fits[method][subject])
     e, s = truth_recovery(estimates, truth, labels, index, sm.params.erode_voxels)
     errors.append(e.assign(subject=subject))
     smooth.append(s.assign(subject=subject))
