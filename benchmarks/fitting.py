@@ -1,7 +1,7 @@
 """Benchmark (not a test): the fast fitter against the paper's curve_fit on the same curves.
 
 Synthetic noisy curves with known truth on the paper's 62-frame schedule: parameters drawn
-around the organ values of reference/fdg_values.md (log-normal, CV 25 %, clipped into the
+around the organ values of docs/phantom.md (log-normal, CV 25 %, clipped into the
 paper's bounds), an image-derived input (Feng's curve averaged per frame, used at frame
 mid-times), the exact frame-averaged model, and noise with Var = a C / (d dt) (d the mean
 F-18 decay factor in the frame, dt its length), ``a`` set for a 10 % coefficient of
@@ -35,7 +35,7 @@ from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES, irreversible_2tc, ki
 
-# Organ means (K1, k2, k3, Vb) of reference/fdg_values.md; liver's k3 (0.0035) lies below
+# Organ means (K1, k2, k3, Vb) of docs/phantom.md; liver's k3 (0.0035) lies below
 # the paper's bound of 0.01 and is clipped, as are draws outside the bounds.
 ORGANS = {
     "liver": (0.65, 0.68, 0.0035, 0.01),

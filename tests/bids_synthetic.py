@@ -25,7 +25,7 @@ NAMES = (
     "bladder tumour"
 ).split()
 
-# K1, k2, k3, Vb per painted label (reference/fdg_values.md; bladder: accumulating).
+# K1, k2, k3, Vb per painted label (docs/phantom.md; bladder: accumulating).
 PARAMS = {
     "body": (0.08, 0.5, 0.03, 0.03),
     "bones": (0.11, 0.64, 0.025, 0.003),

@@ -430,7 +430,7 @@ def test_fit_tacs_on_real_curves(real_tacs_path, tmp_path, capsys):
     table = pd.read_csv(out, sep="\t").set_index("region")
     assert list(table.columns) == ["K1", "k2", "k3", "Vb", "Ki", "SSE", "ok", "status"]
     gm = table.loc["grey_matter_bq_per_ml"]
-    # Physiological grey matter (Huang 1980 and reference/fdg_values.md): K1 ~0.1,
+    # Physiological grey matter (Huang et al. 1980; docs/phantom.md): K1 ~0.1,
     # Ki 0.03-0.05 ml/cm3/min.
     assert 0.07 <= gm.K1 <= 0.16 and 0.03 <= gm.Ki <= 0.05 and gm.ok
     assert table.ok.all()

@@ -134,7 +134,8 @@ def test_blood_tsv_errors(tmp_path):
 
 
 def test_feng_model_facts():
-    # reference/fdg_values.md: Cp(tau) = 0, peak ~103 at 0.29 min, 11.2 at 60 min.
+    # Feng et al. 1993, model 2 (docs/phantom.md): Cp(tau) = 0, peak ~103 at 0.29 min,
+    # 11.2 at 60 min.
     assert feng_model(0.735, delay_min=0.735) == 0.0
     assert feng_peak() == pytest.approx(103, abs=1.0)
     t = np.linspace(0.01, 2, 20000)

@@ -107,7 +107,7 @@ def test_exact_modes_match_ode_solution(case):
 
 
 def paper_reference(params, inp, frames):
-    """The paper's discrete model, restated directly from DESIGN.md section 3."""
+    """The paper's discrete model, restated directly from docs/model.md ("paper")."""
     starts = np.round(frames.starts_s / 60.0, 2)
     t = np.arange(starts[0], starts[-1], 0.1)
 

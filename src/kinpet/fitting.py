@@ -1,6 +1,6 @@
 """Fitting the irreversible two-tissue model to many time-activity curves at once.
 
-One entry point, :func:`fit`, with two methods (DESIGN.md section 4):
+One entry point, :func:`fit`, with two methods (docs/fitting.md):
 
 ``curve_fit``
     The paper's reference: :func:`scipy.optimize.curve_fit` one curve at a time, start
@@ -54,7 +54,7 @@ METHODS = ("fast", "curve_fit")
 WEIGHT_SCHEMES = ("none", "duration", "duration_decay")
 F18_HALF_LIFE_MIN = 109.771
 F18_LAMBDA_PER_MIN = math.log(2.0) / F18_HALF_LIFE_MIN
-# The paper's curve_fit start (reference/fdg_values.md).
+# The paper's curve_fit start (De Benetti et al. 2023; docs/fitting.md).
 PAPER_P0 = (0.1, 0.1, 0.01, 0.01)
 # Four parameters need at least four informative frames.
 MIN_POSITIVE_FRAMES = 4

@@ -30,7 +30,8 @@ BLOOD_COLUMNS = {
     "plasma": "plasma_radioactivity",
 }
 
-# Feng et al. (1993), model 2, in µCi/ml with t in minutes (reference/fdg_values.md).
+# Feng et al. (1993), model 2, in µCi/ml with t in minutes (Int J Biomed Comput 32: 95-110;
+# docs/phantom.md).
 FENG_A = (851.1225, 21.8798, 20.8113)
 FENG_LAMBDA = (-4.133859, -0.1190996, -0.01043449)
 
@@ -229,7 +230,7 @@ class InputFunction:
         peak_kbq_per_ml : float
             Maximum of the curve (kBq/ml). 250 kBq/ml is the scale of a ~3 MBq/kg FDG
             study on a long axial field-of-view scanner, whose 2-s aorta frames peak near
-            200 kBq/ml (reference/fdg_values.md).
+            200 kBq/ml (docs/phantom.md).
         delay_s : float
             Time from injection to the arrival of the bolus (the model's tau), in s.
         end_s : float

@@ -3,7 +3,7 @@
     C(t) = (1 - Vb) C_T(t) + Vb A(t),   C_T(t) = K1/beta [k3 I(t) + k2 E(t)],   beta = k2 + k3
 
 with A the input function, I(t) = int_0^t A and E(t) = int_0^t A(s) exp(-beta (t - s)) ds
-(Eq. 2 of De Benetti et al. 2023; DESIGN.md section 3). Time is in minutes inside the
+(Eq. 2 of De Benetti et al. 2023; docs/model.md). Time is in minutes inside the
 model, K1 in ml/cm^3/min, k2 and k3 in 1/min; frame schedules and input functions keep
 seconds and are converted here.
 

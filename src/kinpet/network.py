@@ -4,7 +4,7 @@ Input: a batch of slices with their frames as depth, shape [B, 1, T, H, W] (T = 
 62 frames padded by one frame on each side). Output: four parameter maps [B, 4, H, W]
 (K1, k2, k3, Vb) after the final activation.
 
-Architecture (DESIGN.md section 5): depth 4, 8 root feature maps doubling per level, ELU,
+Architecture (docs/network.md): depth 4, 8 root feature maps doubling per level, ELU,
 no batch normalisation. Each block applies two convolution units; a unit is either one
 3-D convolution [3, 3, 3] or, for ``space_time``, a spatial [1, 3, 3] convolution followed
 by a temporal [3, 1, 1] one (the (2+1)-D factorisation of Kuestner et al.). Short skips

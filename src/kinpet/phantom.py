@@ -1,4 +1,4 @@
-"""A procedural whole-body dynamic FDG phantom with known truth (DESIGN.md section 6).
+"""A procedural whole-body dynamic FDG phantom with known truth (docs/phantom.md).
 
 Anatomy is built from geometric shapes placed in physical millimetres, so the small demo
 body and the full-size body of the paper share one code path: a size preset (:data:`SIZES`)
@@ -72,7 +72,7 @@ BLOOD_LABELS = ("aorta", "heart_blood")
 TRUTH_NAMES = (*PARAMETER_NAMES, "Ki")
 
 # Population means (K1, k2, k3, Vb) used where the organ table has no row: those of
-# reference/fdg_values.md (as config/organ_values.tsv); muscle takes the middle of its
+# config/organ_values.tsv, sources in docs/phantom.md; muscle takes the middle of its
 # ranges there, and the gallbladder (bile, little uptake) is an assumption.
 DEFAULT_VALUES = {
     "liver": (0.65, 0.68, 0.0035, 0.01),

@@ -67,13 +67,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A copy of the repository's files (tracked and new, not ignored ones: no results/, .venv/),
-# with ../shared beside it as in a checkout.
+# A copy of the repository's files (tracked and new, not ignored ones: no results/, .venv/).
 copy_workflow() {
     mkdir -p "$1"
     (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard |
         tar --null -T - --ignore-failed-read -cf - 2>/dev/null) | tar -xf - -C "$1"
-    [[ -d "$ROOT/../shared" && ! -e "$TMP/shared" ]] && ln -s "$ROOT/../shared" "$TMP/shared"
     return 0
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A throw-away one-node SLURM cluster for the cluster test, on Debian 12 as root, without
-# systemd or cgroups (slurm-wlm 22.05). Facts behind the choices: ../shared/reference/slurm_local.md.
+# systemd or cgroups (slurm-wlm 22.05). Facts behind the choices: docs/cluster_test.md.
 #
 #   slurm_cluster.sh start   install (apt) and start munge, MariaDB, slurmdbd, slurmctld, slurmd
 #   slurm_cluster.sh stop    stop exactly the daemons that `start` started, by their PID files
