@@ -248,6 +248,28 @@ class TrainSettings:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
 
+def settings_from_config(given: dict, underneath: dict | None = None, **overrides):
+    """:class:`TrainSettings` from the pipeline's ``training`` settings.
+
+    Parameters
+    ----------
+    given : dict
+        Settings given with (or after) the recipe: they win over it.
+    underneath : dict, optional
+        Settings of an earlier config file than the one naming the recipe (the default
+        ``config/config.yaml`` under a ``--configfile`` with ``recipe: paper``): the
+        recipe's values replace them where it has one.
+    **overrides
+        Win over everything (the ablation's switches, the job's threads).
+    """
+    given = {**given, **overrides}
+    recipe = given.get("recipe", (underneath or {}).get("recipe", "kinpet"))
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {tuple(RECIPES)}, not {recipe!r}")
+    kept = {k: v for k, v in (underneath or {}).items() if k not in RECIPES[recipe]}
+    return TrainSettings(**{**kept, **given, "recipe": recipe})
+
+
 @dataclass
 class SliceSet:
     """Dynamic slices of several subjects with each subject's kinetic model.

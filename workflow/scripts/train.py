@@ -13,8 +13,8 @@ from kinpet.inputfunction import InputFunction
 from kinpet.io import read_label_table, read_slices
 from kinpet.training import (
     SliceSet,
-    TrainSettings,
     pick_device,
+    settings_from_config,
     subject_projection,
     subject_scale,
     train,
@@ -78,7 +78,9 @@ def make_monitor(inp, settings, train_data, val_data):
     return lambda network: {**floors, **watch(network)}
 
 
-settings = TrainSettings(**{**sm.params.settings, **sm.params.ablation, "threads": sm.threads})
+settings = settings_from_config(
+    sm.params.settings, sm.params.underneath, **sm.params.ablation, threads=sm.threads
+)
 print(
     f"device: {pick_device(settings.device)} (CUDA visible: {pick_device('auto').type == 'cuda'})",
     file=sys.stderr,
