@@ -28,8 +28,8 @@ def activity_mask(tacs, frames, threshold: float = 10.0, auc_times: str = "mid")
     auc_times : {"mid", "start"}
         Where the frame values sit on the time axis (min) of the trapezoidal area:
         frame mid-times (kinpet's default), or frame starts (the published code's
-        mask, whose area is about 4.5 % smaller for the paper's schedule since it ends
-        at the last frame's start).
+        mask; for FDG curves on the paper's schedule its area is 3 to 4.5 % smaller,
+        mostly because it ends at the last frame's start, 60 of 65 min).
 
     Returns
     -------
