@@ -41,7 +41,7 @@ def floor_of(slices, inputs, frames, settings):
     """The fast fitter's loss floor over the masked pixels of these subjects' slices."""
     floors, counts = [], []
     for tacs, inp in zip(slices, inputs, strict=True):
-        curves = masked_curves(tacs, frames, settings.mask_threshold)
+        curves = masked_curves(tacs, frames, settings.mask_threshold, settings.mask_auc)
         floors.append(loss_floor(curves, inp, frames, settings.sampling))
         counts.append(len(curves))
     return pooled_floor(floors, counts)
@@ -69,6 +69,7 @@ def make_monitor(inp, settings, train_data, val_data):
         sm.params.erode_voxels,
         scale,
         subject_projection(aif, frames, settings),
+        mask_auc=settings.mask_auc,
     )
     floors = {
         "train_floor": floor_of(*train_data, frames, settings),
