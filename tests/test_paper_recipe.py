@@ -5,11 +5,15 @@ expansion of the recipe (explicit settings win)."""
 import csv
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from snakemake.common.configfile import load_configfile
+from snakemake.utils import update_config, validate
 
 from kinpet import training
 from kinpet.frames import FrameSchedule
@@ -178,7 +182,8 @@ def published_forward(w, x, convolution, pooling):
 
 
 @pytest.mark.parametrize(
-    "convolution, pooling", [("space_time", "3d"), ("space_time", "space"), ("3d", "3d")]
+    "convolution, pooling",
+    [("space_time", "3d"), ("space_time", "space"), ("3d", "3d"), ("3d", "space")],
 )
 def test_paper_network_equals_the_published_one_weight_for_weight(convolution, pooling):
     """What is checked: (1) the names the published UNet declares (restated above from its
@@ -419,3 +424,26 @@ def test_recipe_expansion_and_explicit_settings():
     assert TrainSettings(**asdict(paper)) == paper
     with pytest.raises(ValueError, match="recipe must be one of"):
         TrainSettings(recipe="published")
+
+
+def test_the_readme_example_of_the_paper_recipe_is_a_valid_config():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    start = readme.index("```yaml\n# published.yaml")
+    example = yaml.safe_load(readme[start + len("```yaml\n") : readme.index("```", start + 3)])
+    assert example["training"]["recipe"] == "paper"
+    config = load_configfile(root / "config/config.yaml")
+    update_config(config, example)
+    validate(config, str(root / "workflow/schemas/config.schema.yaml"))
+    # As workflow/rules/common.smk layers it: config.yaml's training keys under the recipe.
+    given = {
+        k: v for k, v in example["training"].items() if k in TrainSettings.__dataclass_fields__
+    }
+    underneath = {
+        k: v
+        for k, v in load_configfile(root / "config/config.yaml")["training"].items()
+        if k in TrainSettings.__dataclass_fields__ and k not in given
+    }
+    s = settings_from_config(given, underneath, **config["training"]["ablations"]["4.1"])
+    assert {k: getattr(s, k) for k in RECIPES["paper"]} == RECIPES["paper"]
+    assert (s.epochs, s.activation, s.pooling) == (100, "multi_clamp", "3d")
