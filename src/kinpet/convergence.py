@@ -50,11 +50,14 @@ def published_loss(measured: np.ndarray, params: np.ndarray, model: KineticModel
     return float(np.mean((predicted - np.asarray(measured, dtype=np.float64)) ** 2))
 
 
-def masked_curves(tacs: np.ndarray, frames: FrameSchedule, threshold: float) -> np.ndarray:
+def masked_curves(
+    tacs: np.ndarray, frames: FrameSchedule, threshold: float, auc_times: str = "mid"
+) -> np.ndarray:
     """The curves [N, T] of the pixels of slices [S, T, H, W] whose area exceeds
-    ``threshold`` (kBq/ml x min; the loss's mask)."""
+    ``threshold`` (kBq/ml x min; the loss's mask, its area over ``auc_times`` as
+    :func:`kinpet.metrics.activity_mask`)."""
     tacs = np.asarray(tacs, dtype=np.float32)
-    return np.moveaxis(tacs, 1, -1)[activity_mask(tacs, frames, threshold)]
+    return np.moveaxis(tacs, 1, -1)[activity_mask(tacs, frames, threshold, auc_times)]
 
 
 def _fast_fit(curves, input_function, frames, sampling):
@@ -107,6 +110,7 @@ def monitor_subject(
     erode_voxels: int = 1,
     scale: float = 1.0,
     projection=None,
+    mask_auc: str = "mid",
 ):
     """A function ``monitor(network) -> dict`` scoring a network on one phantom subject.
 
@@ -124,6 +128,8 @@ def monitor_subject(
         The subject's kinetic model.
     mask_threshold : float
         Area threshold of the loss's mask (kBq/ml x min).
+    mask_auc : {"mid", "start"}
+        Time points of that area (:func:`kinpet.metrics.activity_mask`).
     erode_voxels : int
         Erosion of the organ masks (as the truth-recovery table).
     scale : float
@@ -142,7 +148,7 @@ def monitor_subject(
     """
     body = labels > 0
     curves = pet[body]  # [N, T]
-    keep = activity_mask(curves.T[:, :, None], frames, mask_threshold)[:, 0]
+    keep = activity_mask(curves.T[:, :, None], frames, mask_threshold, mask_auc)[:, 0]
     measured = curves[keep]
     model = KineticModel(input_function, frames, sampling)
     fitted, fast_params = _fast_fit(measured, input_function, frames, sampling)

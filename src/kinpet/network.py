@@ -13,11 +13,14 @@ decoder. Pooling is max-pooling [2, 2, 2] (``3d``) or [1, 2, 2] (``space``); the
 transposed convolutions undo exactly what the pooling did. The head is a [3, 3, 3]
 convolution to 4 channels and a [T, 1, 1] convolution that collapses time.
 
-Differences from the published code, on purpose: its (2+1)-D blocks apply the *same*
-temporal convolution twice (shared weights); here each unit has its own. Its ``space``
-pooling uses kernel [1, 2, 2] with stride 2 in every axis, so it still halves time by
-skipping frames, and its decoder always doubles time; here ``space`` pooling keeps every
-frame and the decoder does not upsample time.
+Differences from the published code, on purpose (each has a switch that restores the
+published layout, set by the ``paper`` training recipe): its (2+1)-D blocks apply the *same*
+temporal convolution in both units of a block (``shared_temporal``); here each unit has its
+own. Its ``space`` pooling uses kernel [1, 2, 2] with stride 2 in every axis, so it still
+halves time by skipping every other frame, and its decoder always doubles time
+(``decimate_time``); here ``space`` pooling keeps every frame and the decoder does not
+upsample time. Its head starts from PyTorch's default initialisation (``head_init``); here
+the head's bias starts at typical FDG values.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER
 CONVOLUTIONS = ("3d", "space_time")
 POOLINGS = ("3d", "space")
 ACTIVATIONS = ("abs", "clamp", "multi_clamp", "sigmoid")
+HEAD_INITS = ("kinpet", "pytorch")
 # The published code's single clamp (all four channels to one range).
 SINGLE_CLAMP = (0.01, 3.0)
 PADDED_FRAMES = 64
@@ -62,6 +66,33 @@ class ConvUnit(nn.Sequential):
             )
 
 
+class SharedTemporalBlock(nn.Module):
+    """Two (2+1)-D units that share one temporal [3, 1, 1] convolution, each followed by ELU.
+
+    The published code's layout: a block owns two spatial convolutions but one temporal
+    one, applied after each of them.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.space_first = nn.Conv3d(in_channels, out_channels, (1, 3, 3), padding=(0, 1, 1))
+        self.space_second = nn.Conv3d(out_channels, out_channels, (1, 3, 3), padding=(0, 1, 1))
+        self.time_shared = nn.Conv3d(out_channels, out_channels, (3, 1, 1), padding=(1, 0, 0))
+        self.elu = nn.ELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.elu(self.time_shared(self.space_first(x)))
+        return self.elu(self.time_shared(self.space_second(x)))
+
+
+def make_block(in_channels: int, out_channels: int, convolution: str, shared_temporal: bool):
+    """A block of two units: :class:`SharedTemporalBlock` for a shared temporal convolution
+    of ``space_time`` units, else :class:`Block`."""
+    if shared_temporal and convolution == "space_time":
+        return SharedTemporalBlock(in_channels, out_channels)
+    return Block(in_channels, out_channels, convolution)
+
+
 class Block(nn.Sequential):
     """Two convolution units, each followed by ELU."""
 
@@ -77,8 +108,7 @@ class Block(nn.Sequential):
 class Upsample(nn.Sequential):
     """Transposed convolution that undoes one pooling step, keeping the channel count."""
 
-    def __init__(self, channels: int, convolution: str, pooling: str):
-        time_factor = 2 if pooling == "3d" else 1
+    def __init__(self, channels: int, convolution: str, time_factor: int):
         if convolution == "3d":
             super().__init__(
                 nn.ConvTranspose3d(
@@ -143,6 +173,19 @@ class KineticUNet(nn.Module):
         ones either way). A plain clamp has zero gradient outside its bounds; in our demo
         training the multi-clamp network then sank to its K1, k2, k3 floors and stayed
         there. False reproduces the published code's plain clamp.
+    head_init : {"kinpet", "pytorch"}
+        "kinpet": the bias of the head's last layer starts at :data:`INITIAL_PARAMETERS`
+        (K1 0.3 ml/cm^3/min, k2 0.5 1/min, k3 0.05 1/min, Vb 0.1; through
+        :func:`bounded_logit` for ``sigmoid``), so that a clamped network does not start
+        below its floors. "pytorch": PyTorch's default initialisation of every layer, as
+        published.
+    shared_temporal : bool
+        ``space_time`` only: both units of a block apply one shared temporal convolution
+        (:class:`SharedTemporalBlock`, as published) instead of one each.
+    decimate_time : bool
+        ``space`` pooling only: pool with window [1, 2, 2] but stride 2 in time too, which
+        keeps every other frame, and let the decoder double time back (as published).
+        False: ``space`` pooling keeps every frame.
     channels_last : bool
         Keep activations in the channels-last (NDHWC) layout: same arithmetic, several
         times faster on CPU for slices of 64 pixels and more (benchmarks/network.py).
@@ -160,6 +203,9 @@ class KineticUNet(nn.Module):
         upper=PAPER_UPPER,
         channels_last: bool = True,
         straight_through: bool = True,
+        head_init: str = "kinpet",
+        shared_temporal: bool = False,
+        decimate_time: bool = False,
     ):
         super().__init__()
         self.straight_through = straight_through
@@ -167,32 +213,40 @@ class KineticUNet(nn.Module):
             ("convolution", convolution, CONVOLUTIONS),
             ("pooling", pooling, POOLINGS),
             ("activation", activation, ACTIVATIONS),
+            ("head_init", head_init, HEAD_INITS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
-        if pooling == "3d" and n_frames % 2**depth:
+        # Time halves per level with 3-D pooling and with decimating space pooling.
+        time_factor = 2 if pooling == "3d" or decimate_time else 1
+        if time_factor == 2 and n_frames % 2**depth:
             raise ValueError(f"n_frames={n_frames} must be divisible by 2**depth={2**depth}")
         self.convolution, self.pooling, self.activation = convolution, pooling, activation
         self.depth, self.n_frames = depth, n_frames
         self.spatial_multiple = 2**depth
-        pool = (2, 2, 2) if pooling == "3d" else (1, 2, 2)
-        self.pool = nn.MaxPool3d(pool, stride=pool)
+        kernel = (2, 2, 2) if pooling == "3d" else (1, 2, 2)
+        # A [1, 2, 2] window with stride 2 in time reads only every other frame.
+        self.pool = nn.MaxPool3d(kernel, stride=(time_factor, 2, 2))
         self.encoders = nn.ModuleList()
         skip_channels = []
         channels = 1
         for level in range(depth):
             out = root_features * 2**level
-            self.encoders.append(Block(channels, out, convolution))
+            self.encoders.append(make_block(channels, out, convolution, shared_temporal))
             skip_channels.append(channels + out)  # short skip: input beside output
             channels = out
-        self.bottleneck = Block(channels, root_features * 2**depth, convolution)
+        self.bottleneck = make_block(
+            channels, root_features * 2**depth, convolution, shared_temporal
+        )
         channels = root_features * 2**depth
         self.upsamples = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
             out = root_features * 2**level
-            self.upsamples.append(Upsample(channels, convolution, pooling))
-            self.decoders.append(Block(channels + skip_channels[level], out, convolution))
+            self.upsamples.append(Upsample(channels, convolution, time_factor))
+            self.decoders.append(
+                make_block(channels + skip_channels[level], out, convolution, shared_temporal)
+            )
             channels = out
         self.head = nn.Sequential(
             nn.Conv3d(channels, 4, 3, padding=1),
@@ -200,14 +254,15 @@ class KineticUNet(nn.Module):
         )
         self.register_buffer("lower", torch.tensor(lower, dtype=torch.float32).view(1, 4, 1, 1))
         self.register_buffer("upper", torch.tensor(upper, dtype=torch.float32).view(1, 4, 1, 1))
-        # Start the outputs at typical FDG values instead of near 0: below the K1, k2, k3
-        # floors a clamp passes no gradient, and a multi-clamp network started there
-        # stayed at its floors in our demo training.
-        start = torch.tensor(INITIAL_PARAMETERS)
-        if activation == "sigmoid":
-            start = bounded_logit(start, self.lower.view(4), self.upper.view(4))
-        with torch.no_grad():
-            self.head[1].bias.copy_(start)
+        if head_init == "kinpet":
+            # Start the outputs at typical FDG values instead of near 0: below the K1, k2,
+            # k3 floors a clamp passes no gradient, and a multi-clamp network started there
+            # stayed at its floors in our demo training.
+            start = torch.tensor(INITIAL_PARAMETERS)
+            if activation == "sigmoid":
+                start = bounded_logit(start, self.lower.view(4), self.upper.view(4))
+            with torch.no_grad():
+                self.head[1].bias.copy_(start)
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         for module in self.modules():
             if isinstance(module, nn.Conv3d | nn.ConvTranspose3d):

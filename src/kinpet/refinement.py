@@ -47,7 +47,9 @@ def refine(
     batch_size = batch_size or settings.batch_size
     weights = loss_weights(data.frames, settings, device)
     scales = data.slice_scales(torch.arange(len(data))).view(-1, 1, 1, 1)
-    active = activity_mask(data.tacs * scales, data.frames, settings.mask_threshold)
+    active = activity_mask(
+        data.tacs * scales, data.frames, settings.mask_threshold, settings.mask_auc
+    )
     usable = active.flatten(1).any(dim=1).nonzero().flatten()
     if not len(usable):
         raise ValueError("refinement: no slice has pixels above the activity threshold")

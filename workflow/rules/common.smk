@@ -13,6 +13,11 @@ _USER_SPLIT = _USER_DATA.get("split")
 if _USER_SPLIT is not None:
     config["data"]["split"] = copy.deepcopy(_USER_SPLIT)
 
+# The training keys the config files give, before the schema fills in its defaults: a
+# training recipe (training.recipe) sets only the keys that are not given.
+_GIVEN_TRAINING = copy.deepcopy(config.get("training") or {})
+_USER_TRAINING = (workflow.config_settings.overwrite_config or {}).get("training") or {}
+
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError as err:
@@ -93,28 +98,52 @@ for _name in TRAINING.get("run", []):
     if _name not in TRAINING["ablations"]:
         raise ValueError(f"config training.run names an unknown ablation: {_name}")
 ABLATIONS = {name: TRAINING["ablations"][name] for name in TRAINING.get("run", [])}
-TRAINING_SETTINGS = {
-    key: TRAINING[key]
-    for key in (
-        "epochs",
-        "batch_size",
-        "learning_rate",
-        "halve_every",
-        "validate_every",
-        "sampling",
-        "mask_threshold",
-        "seed",
-        "device",
-        "amp",
-        "scaling",
-        "loss_weights",
-        "schedule",
-        "warmup_epochs",
-        "flips",
-        "projection",
-    )
-    if key in TRAINING
-}
+_SETTING_KEYS = (
+    "recipe",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "halve_every",
+    "validate_every",
+    "sampling",
+    "mask_threshold",
+    "seed",
+    "device",
+    "amp",
+    "scaling",
+    "loss_weights",
+    "schedule",
+    "warmup_epochs",
+    "flips",
+    "projection",
+    "milestones",
+    "gamma",
+    "early_stopping_patience",
+    "mask_auc",
+    "straight_through",
+    "head_init",
+    "shared_temporal",
+    "decimate_time",
+)
+# The settings of kinpet.training.TrainSettings, in two layers (settings_from_config): a
+# recipe named in a --configfile / --config overrides the keys of config/config.yaml
+# (TRAINING_UNDERNEATH) and yields to the keys given with it (TRAINING_SETTINGS); a
+# recipe named in config/config.yaml yields to all of them. The recipe itself expands in
+# kinpet.training, in one place.
+if "recipe" in _USER_TRAINING:
+    TRAINING_SETTINGS = {
+        k: _GIVEN_TRAINING[k] for k in _SETTING_KEYS if k in _USER_TRAINING
+    }
+    TRAINING_UNDERNEATH = {
+        k: _GIVEN_TRAINING[k]
+        for k in _SETTING_KEYS
+        if k in _GIVEN_TRAINING and k not in _USER_TRAINING
+    }
+else:
+    TRAINING_SETTINGS = {
+        k: _GIVEN_TRAINING[k] for k in _SETTING_KEYS if k in _GIVEN_TRAINING
+    }
+    TRAINING_UNDERNEATH = {}
 MAP_NAMES = ["K1", "k2", "k3", "Vb", "Ki"]
 
 

@@ -32,6 +32,7 @@ rule train:
     params:
         ablation=lambda wildcards: canonical(ABLATIONS[wildcards.ablation]),
         settings=TRAINING_SETTINGS,
+        underneath=TRAINING_UNDERNEATH,
         monitor_organs=EVALUATION["organs"],
         erode_voxels=EVALUATION["erode_voxels"],
     script:
@@ -63,8 +64,6 @@ rule predict:
         mem_mb=8000,
         runtime=60,
     params:
-        sampling=TRAINING_SETTINGS["sampling"],
-        mask_threshold=TRAINING_SETTINGS["mask_threshold"],
         refine_steps=TRAINING.get("refine_steps", 0),
         refine_learning_rate=TRAINING.get("refine_learning_rate"),
     script:

@@ -55,12 +55,14 @@ projection = subject_projection(input_function, frames, settings)
 maps = predict_volume(model, pet, stream=sys.stderr, scale=scale, projection=projection)
 maps[~body] = np.nan  # outside the body there is nothing to model
 
-# Per-slice agreement of measured and model TACs over the masked pixels (Fig. 3a).
-kinetic = KineticModel(input_function, frames, sm.params.sampling)
+# Per-slice agreement of measured and model TACs over the masked pixels (Fig. 3a), with
+# the kinetic model and the mask the network was trained with.
+kinetic = KineticModel(input_function, frames, settings.sampling)
 rows = []
 for z in range(pet.shape[2]):
     measured = np.transpose(pet[:, :, z, :], (2, 0, 1))[None]  # [1, T, X, Y]
-    mask = activity_mask(measured, frames, sm.params.mask_threshold) & body[None, :, :, z]
+    mask = activity_mask(measured, frames, settings.mask_threshold, settings.mask_auc)
+    mask &= body[None, :, :, z]
     if not mask.any():
         rows.append({"z": z, "pixels": 0, "cs": np.nan, "mae": np.nan})
         continue

@@ -13,8 +13,8 @@ from kinpet.inputfunction import InputFunction
 from kinpet.io import read_label_table, read_slices
 from kinpet.training import (
     SliceSet,
-    TrainSettings,
     pick_device,
+    settings_from_config,
     subject_projection,
     subject_scale,
     train,
@@ -41,7 +41,7 @@ def floor_of(slices, inputs, frames, settings):
     """The fast fitter's loss floor over the masked pixels of these subjects' slices."""
     floors, counts = [], []
     for tacs, inp in zip(slices, inputs, strict=True):
-        curves = masked_curves(tacs, frames, settings.mask_threshold)
+        curves = masked_curves(tacs, frames, settings.mask_threshold, settings.mask_auc)
         floors.append(loss_floor(curves, inp, frames, settings.sampling))
         counts.append(len(curves))
     return pooled_floor(floors, counts)
@@ -69,6 +69,7 @@ def make_monitor(inp, settings, train_data, val_data):
         sm.params.erode_voxels,
         scale,
         subject_projection(aif, frames, settings),
+        mask_auc=settings.mask_auc,
     )
     floors = {
         "train_floor": floor_of(*train_data, frames, settings),
@@ -78,7 +79,9 @@ def make_monitor(inp, settings, train_data, val_data):
     return lambda network: {**floors, **watch(network)}
 
 
-settings = TrainSettings(**{**sm.params.settings, **sm.params.ablation, "threads": sm.threads})
+settings = settings_from_config(
+    sm.params.settings, sm.params.underneath, **sm.params.ablation, threads=sm.threads
+)
 print(
     f"device: {pick_device(settings.device)} (CUDA visible: {pick_device('auto').type == 'cuda'})",
     file=sys.stderr,
