@@ -8,13 +8,18 @@ low-activity mask). No labels are needed: the kinetic model is the teacher.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import functools
+import hashlib
 import math
+import os
 import pickle
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -397,6 +402,83 @@ def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, we
     return masked_mse(pred, meas, mask, weights)
 
 
+class TrainingBusyError(RuntimeError):
+    """Another process holds the lock of this training's state folder."""
+
+
+# Files of a run in progress, kept in the state folder until training ends.
+STATE_FILES = ("best.pt", "last.pt", "log.csv", "monitor.csv")
+LOCK_NAME = "train.lock"
+# Settings that do not change what is trained (how many CPU threads run it).
+_RESUME_IGNORES = ("threads",)
+
+
+@contextmanager
+def training_lock(state_dir):
+    """Hold an exclusive lock on ``state_dir`` for the ``with`` block.
+
+    The lock is ``fcntl.flock`` on ``state_dir/train.lock`` (held until the process ends,
+    however it ends), taken without waiting; the file holds the holder's pid.
+
+    Raises
+    ------
+    TrainingBusyError
+        Naming the folder and the pid of the process that holds the lock.
+    """
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LOCK_NAME
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise TrainingBusyError(
+                f"{state_dir}: another training holds {LOCK_NAME} (pid {holder}); wait for it "
+                "to finish or stop it before training here again"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def data_fingerprint(*sets: SliceSet) -> str:
+    """SHA-256 of the slices, subjects, scales and input functions of these slice sets.
+
+    Saved with the training state, so that a run on other data never resumes from it.
+    """
+    digest = hashlib.sha256()
+    for data in sets:
+        digest.update(np.ascontiguousarray(data.tacs.numpy()).tobytes())
+        digest.update(np.ascontiguousarray(data.subject.numpy()).tobytes())
+        digest.update(np.asarray(data.scales, dtype=np.float64).tobytes())
+        for model in data.models:
+            digest.update(np.asarray(model.input_function.times_s, np.float64).tobytes())
+            digest.update(np.asarray(model.input_function.values, np.float64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _stale_reason(state: dict, settings: TrainSettings, fingerprint: str) -> str | None:
+    """Why a saved state cannot be resumed under these settings and data (None: it can)."""
+    saved = {k: v for k, v in state.get("settings", {}).items() if k not in _RESUME_IGNORES}
+    now = {k: v for k, v in asdict(settings).items() if k not in _RESUME_IGNORES}
+    changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
+    if changed:
+        return "training settings differ: " + ", ".join(
+            f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed
+        )
+    if state.get("data") != fingerprint:
+        return "the training or validation data differ"
+    return None
+
+
 def train(
     train_set: SliceSet,
     val_set: SliceSet,
@@ -405,12 +487,24 @@ def train(
     resume: bool = False,
     stream=sys.stderr,
     monitor=None,
+    state_dir=None,
 ) -> dict:
     """Train one ablation; write ``best.pt``, ``last.pt`` and ``log.csv`` into ``out_dir``.
 
-    With ``resume=True`` and an existing ``last.pt``, training continues from it with the
-    same weights, optimiser, schedule, data order and random state, so the result equals
-    an uninterrupted run.
+    While training, these files (and ``monitor.csv``) live in ``state_dir`` (default:
+    ``out_dir``), rewritten atomically after every epoch; when ``state_dir`` is another
+    folder they are moved into ``out_dir`` at the end and ``state_dir`` is removed. A
+    workflow manager that deletes its outputs before rerunning a job (Snakemake) thus
+    leaves the state of a killed run in place.
+
+    With ``resume=True`` and a ``last.pt`` in ``state_dir`` saved under the same settings
+    (``threads`` aside) and the same data (:func:`data_fingerprint`), training continues
+    from it with the same weights, optimiser, schedule, data order and random state, so
+    the result equals an uninterrupted run. A state saved under other settings or data is
+    not resumed: training starts afresh and the log says why.
+
+    The whole run holds :func:`training_lock` on ``state_dir``: a second trainer on the
+    same folder stops at once with :class:`TrainingBusyError`.
 
     ``monitor`` (optional, e.g. :func:`kinpet.convergence.monitor_subject`) is called with
     the network at every validation; its dict, the epoch and the training set's loss in
@@ -421,7 +515,25 @@ def train(
     dict with the best validation loss, its epoch and the device used.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = out_dir if state_dir is None else Path(state_dir)
+    with training_lock(state_dir):
+        result = _train_locked(train_set, val_set, settings, state_dir, resume, stream, monitor)
+        if state_dir.resolve() != out_dir.resolve():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name in STATE_FILES:
+                if (state_dir / name).exists():
+                    os.replace(state_dir / name, out_dir / name)
+            for leftover in state_dir.iterdir():
+                if leftover.name != LOCK_NAME:
+                    leftover.unlink()
+    if state_dir.resolve() != out_dir.resolve():
+        (state_dir / LOCK_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: someone else's files; keep them
+            state_dir.rmdir()
+    return result
+
+
+def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monitor):
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = pick_device(settings.device)
@@ -430,21 +542,39 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
     schedule = learning_rate_schedule(optimizer, settings)
     weights = loss_weights(train_set.frames, settings, device)
+    fingerprint = data_fingerprint(train_set, val_set)
     start_epoch, best = 0, {"val_loss": math.inf, "epoch": -1}
-    last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
-    monitor_path = out_dir / "monitor.csv"
+    last_path, best_path = state_dir / "last.pt", state_dir / "best.pt"
+    log_path, monitor_path = state_dir / "log.csv", state_dir / "monitor.csv"
+    state = None
     if resume and last_path.exists():
         state = load_checkpoint(last_path, device)
+        reason = _stale_reason(state, settings, fingerprint)
+        if reason:
+            print(f"not resuming from {last_path} ({reason}): starting afresh", file=stream)
+            state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best = state["epoch"] + 1, state["best"]
-        print(f"resumed from {last_path} at epoch {start_epoch}", file=stream)
-    else:
         for path in (log_path, monitor_path):
+            _truncate_csv(path, start_epoch)
+        print(f"resumed from epoch {start_epoch} of {settings.epochs} ({last_path})", file=stream)
+    else:
+        for path in (log_path, monitor_path, best_path, last_path):
             path.unlink(missing_ok=True)
+    save = functools.partial(
+        _save,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        generator=generator,
+        settings=settings,
+        data=fingerprint,
+    )
     print(
         f"device {device}; {settings.convolution}/{settings.pooling}/{settings.activation}"
         f"{' with projection' if settings.projection else ''}; "
@@ -480,7 +610,7 @@ def train(
             )
             if val_loss < best["val_loss"]:
                 best = {"val_loss": val_loss, "epoch": epoch + 1}
-                _save(best_path, model, optimizer, schedule, generator, epoch, best, settings)
+                save(best_path, epoch=epoch, best=best)
         row["seconds"] = time.perf_counter() - started  # without the monitor's time
         if validate and monitor is not None:
             extra = {"epoch": epoch + 1, "train_eval_loss": evaluate(model, train_set, settings)[0]}
@@ -489,13 +619,15 @@ def train(
             model.train()
         _append_csv(log_path, row)
         progress.epoch(epoch, row)
-        _save(last_path, model, optimizer, schedule, generator, epoch, best, settings)
+        # last.pt last: a run killed before this line redoes the epoch, and the rows the
+        # epoch appended to the logs are dropped on resume (_truncate_csv).
+        save(last_path, epoch=epoch, best=best)
     if not best_path.exists():  # no validation data: the last state is the best we have
-        _save(best_path, model, optimizer, schedule, generator, settings.epochs - 1, best, settings)
+        save(best_path, epoch=settings.epochs - 1, best=best)
     return {**best, "device": str(device)}
 
 
-def _save(path, model, optimizer, schedule, generator, epoch, best, settings):
+def _save(path, model, optimizer, schedule, generator, epoch, best, settings, data=None):
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -505,9 +637,26 @@ def _save(path, model, optimizer, schedule, generator, epoch, best, settings):
         "epoch": epoch,
         "best": best,
         "settings": asdict(settings),
+        "data": data,
     }
     tmp = Path(str(path) + ".tmp")
     torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _truncate_csv(path: Path, last_epoch: int) -> None:
+    """Drop the rows after ``last_epoch`` (those of an epoch that a kill cut short)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    column = rows[0].index("epoch")
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[column]) <= last_epoch]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows(kept)
     tmp.replace(path)
 
 

@@ -34,6 +34,9 @@ rule train:
         settings=TRAINING_SETTINGS,
         monitor_organs=EVALUATION["organs"],
         erode_voxels=EVALUATION["erode_voxels"],
+        # Resumable state of a run in progress (README, "Faults"): not an output, so
+        # Snakemake leaves it in place when it reruns a killed job; removed on success.
+        state_dir=lambda wildcards: f"results/training_state/{wildcards.ablation}",
     script:
         "../scripts/train.py"
 
