@@ -855,19 +855,14 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
             **{n: {"Description": described, "Units": units[n]} for n in PARAMETER_NAMES},
         },
     )
-    # write_blood_tsv writes the .tsv and its .json: both go to temporary names first.
-    blood = pet_dir / f"{sid}_recording-idif_blood.tsv"
-    tmp_blood = blood.with_name(f".{blood.stem}.tmp.tsv")
     io.write_blood_tsv(
-        tmp_blood,
+        pet_dir / f"{sid}_recording-idif_blood.tsv",
         inp,
         description=(
             f"True input function of the kinpet phantom: Feng et al. 1993 model 2, peak "
             f"{subject.input_peak_kbq_per_ml:.3f} kBq/mL, delay {subject.input_delay_s:.3f} s"
         ),
     )
-    tmp_blood.with_suffix(".json").replace(blood.with_suffix(".json"))
-    tmp_blood.replace(blood)
     sidecar = pet_sidecar(frames, subject, fwhm_mm, noise_cov, a, reference_frame, reference)
     io.write_json(pet_dir / f"{sid}_pet.json", sidecar)
     elapsed = time.perf_counter() - t_start

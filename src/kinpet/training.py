@@ -29,7 +29,7 @@ import torch
 from kinpet.fitting import frame_weights
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import KinpetInputError
+from kinpet.io import KinpetInputError, atomic_path
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.network import KineticUNet, slices_to_parameters
@@ -639,9 +639,8 @@ def _save(path, model, optimizer, schedule, generator, epoch, best, settings, da
         "settings": asdict(settings),
         "data": data,
     }
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _truncate_csv(path: Path, last_epoch: int) -> None:
@@ -654,10 +653,8 @@ def _truncate_csv(path: Path, last_epoch: int) -> None:
         return
     column = rows[0].index("epoch")
     kept = [rows[0]] + [r for r in rows[1:] if r and int(r[column]) <= last_epoch]
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         csv.writer(f).writerows(kept)
-    tmp.replace(path)
 
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_cs", "val_mae", "seconds"]
