@@ -156,7 +156,8 @@ def test_loss_decreases_and_logs(tmp_path):
     assert list(log.epoch) == list(range(1, 9))
     assert log.train_loss.iloc[-1] < 0.5 * log.train_loss.iloc[0]
     assert log.val_loss.notna().sum() == 2 and result["epoch"] in (4, 8)
-    assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+    # No lock file or temporary is left beside the outputs.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "log.csv"]
     model, loaded = load_model(tmp_path / "best.pt", device="cpu")
     assert loaded == settings
 

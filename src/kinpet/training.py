@@ -29,7 +29,7 @@ import torch
 from kinpet.fitting import frame_weights
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import KinpetInputError, atomic_path
+from kinpet.io import KinpetInputError, atomic_path, remove_stale_temporaries
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.network import KineticUNet, slices_to_parameters
@@ -516,19 +516,17 @@ def train(
     """
     out_dir = Path(out_dir)
     state_dir = out_dir if state_dir is None else Path(state_dir)
-    with training_lock(state_dir):
+    separate = state_dir.resolve() != out_dir.resolve()
+    with training_lock(state_dir) as lock:
         result = _train_locked(train_set, val_set, settings, state_dir, resume, stream, monitor)
-        if state_dir.resolve() != out_dir.resolve():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for name in STATE_FILES:
-                if (state_dir / name).exists():
-                    os.replace(state_dir / name, out_dir / name)
-            for leftover in state_dir.iterdir():
-                if leftover.name != LOCK_NAME:
-                    leftover.unlink()
-    if state_dir.resolve() != out_dir.resolve():
-        (state_dir / LOCK_NAME).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # not empty: someone else's files; keep them
+        for name in STATE_FILES:
+            remove_stale_temporaries(state_dir / name)  # of saves that a kill cut short
+            if separate and (state_dir / name).exists():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                os.replace(state_dir / name, out_dir / name)
+        lock.unlink()
+    if separate:
+        with contextlib.suppress(OSError):  # not empty: files of someone else; keep them
             state_dir.rmdir()
     return result
 
