@@ -34,9 +34,10 @@ rule train:
         settings=TRAINING_SETTINGS,
         monitor_organs=EVALUATION["organs"],
         erode_voxels=EVALUATION["erode_voxels"],
-        # Resumable state of a run in progress (README, "Faults"): not an output, so
-        # Snakemake leaves it in place when it reruns a killed job; removed on success.
-        state_dir=lambda wildcards: f"results/training_state/{wildcards.ablation}",
+    # The script keeps the resumable state of a run in progress in
+    # results/training_state/{ablation}/ (README, "Faults"): no output, so Snakemake leaves
+    # it in place when it reruns a killed job. Not a param either: a new param would make
+    # Snakemake rerun every finished training.
     script:
         "../scripts/train.py"
 

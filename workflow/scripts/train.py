@@ -94,9 +94,10 @@ monitor = None
 if "monitor_pet" in sm.input.keys():
     monitor = make_monitor(sm.input, settings, train_raw, val_raw)
 out_dir = sm.output.best.rsplit("/", 1)[0]
+# The state folder is no rule output: Snakemake does not delete it before a rerun, so a
+# killed job resumes where it stopped (README, "Faults").
+state_dir = Path("results/training_state") / sm.wildcards.ablation
 try:
-    # The state folder is no rule output: Snakemake does not delete it before a rerun, so
-    # a killed job resumes where it stopped.
     result = train(
         train_set,
         val_set,
@@ -105,7 +106,7 @@ try:
         resume=True,
         stream=sys.stderr,
         monitor=monitor,
-        state_dir=sm.params.state_dir,
+        state_dir=state_dir,
     )
 except TrainingBusyError as err:
     print(f"ERROR: {err}", file=sys.stderr)
