@@ -177,6 +177,9 @@ class InputFunction:
         units : str, optional
             Units of the column when the ``_blood.json`` sidecar does not give them.
             Values are converted to kBq/ml.
+
+        A recording of more than :data:`MAX_KNOTS` samples comes back
+        :meth:`simplified` (within :data:`KNOT_TOLERANCE` x its peak), or is refused.
         """
         import pandas as pd
 
