@@ -24,6 +24,7 @@ from kinpet.inputfunction import InputFunction
 from kinpet.io import read_organ_values, read_slices
 from kinpet.kinetics import PARAMETER_NAMES, KineticModel, irreversible_2tc
 from kinpet.projection import project
+from kinpet.training import training_lock
 
 # Every test here runs Snakemake (dry runs included).
 pytestmark = pytest.mark.slow
@@ -531,10 +532,11 @@ def test_deleting_one_chunk_recomputes_only_that_chunk(tiny_run):
 def test_killed_training_resumes_where_it_stopped(tmp_path):
     """Kill Snakemake and its train job after an epoch; the rerun resumes from the state
     folder (Snakemake deleted the job's outputs) and ends with the weights of an
-    uninterrupted run."""
+    uninterrupted run. While another process holds the folder's lock, train stops at once
+    with one line naming the folder and the holder's pid."""
     work = copy_workflow(tmp_path)
     config = yaml.safe_load((work / "tests/config/tiny.yaml").read_text())
-    epochs = 6
+    epochs = 4
     config["training"]["epochs"] = epochs
     (work / "tests/config/resume.yaml").write_text(yaml.safe_dump(config))
     run = ("--cores", "2", "--configfile", "tests/config/resume.yaml")
@@ -578,6 +580,15 @@ def test_killed_training_resumes_where_it_stopped(tmp_path):
         n: torch.load(work / f"results/training/4.1/{n}", weights_only=True)["model"]
         for n in ("best.pt", "last.pt")
     }
+
+    with training_lock(state):
+        res = snakemake(target, *run, "--forcerun", "train", cwd=work)
+    assert res.returncode != 0
+    log = (work / "logs/train/4.1.log").read_text()
+    assert (
+        f"ERROR: results/training_state/4.1: another training holds train.lock "
+        f"(pid {os.getpid()})" in log
+    ), log
 
     res = snakemake(target, *run, "--forcerun", "train", cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
