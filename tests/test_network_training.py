@@ -1,6 +1,7 @@
 """The UNet's variants, the self-supervised loss, checkpoints and slice placement."""
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +289,18 @@ def write_checkpoint(path, settings):
     generator = torch.Generator().manual_seed(settings.seed)
     _save(path, model, optimizer, schedule, generator, 0, {"val_loss": 1.5, "epoch": 1}, settings)
     return model
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_temporary_name(tmp_path):
+    """torch names a checkpoint's records after the file it is saved to: the temporary's
+    host and pid must not get into the bytes."""
+    settings = TrainSettings(seed=3)
+    for name in ("a.pt", "b.pt"):
+        torch.manual_seed(0)
+        write_checkpoint(tmp_path / name, settings)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    names = zipfile.ZipFile(tmp_path / "a.pt").namelist()
+    assert all(name.startswith("archive/") for name in names), names
 
 
 @pytest.mark.parametrize("schedule", ["step", "cosine"])

@@ -637,8 +637,10 @@ def _save(path, model, optimizer, schedule, generator, epoch, best, settings, da
         "settings": asdict(settings),
         "data": data,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a file object: torch names the archive's records after a path's file name,
+    # which would put the temporary's host and pid into the checkpoint's bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def _truncate_csv(path: Path, last_epoch: int) -> None:
