@@ -1,22 +1,38 @@
 """Reading PET-BIDS datasets (kinpet.io.read_pet_bids): good data and every bad input."""
 
 import json
+import os
 import shutil
+import socket
+import stat
+import subprocess
+import sys
 
+import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 from bids_synthetic import FRAMES, NAMES, write_subject
 
+from kinpet.figures import save_figure
+from kinpet.inputfunction import InputFunction
 from kinpet.io import (
     KinpetInputError,
+    NiftiFrameWriter,
     atomic_path,
     bids_paths,
+    nifti_header,
     read_pet_bids,
     read_slices,
+    remove_stale_temporaries,
+    temporary_path,
+    write_blood_tsv,
+    write_json,
     write_nifti,
+    write_nifti_zyx,
     write_slices,
+    write_tsv,
 )
 
 
@@ -375,3 +391,107 @@ def test_image_derived_input_zero_everywhere_is_refused(dataset):
         f"{paths['pet']} \\(mean of the aorta label\\): the input function is zero everywhere",
         input_function="aorta",
     )
+
+
+@pytest.fixture
+def umask_027():
+    previous = os.umask(0o027)
+    yield 0o666 & ~0o027
+    os.umask(previous)
+
+
+def test_outputs_get_the_mode_of_a_plain_open(tmp_path, umask_027):
+    """Every writer's output is 0666 minus the umask (here 0640), as open() makes it; the
+    mkstemp of atomic_path made 0600 whatever the umask (the group could not read)."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    write_nifti(tmp_path / "a.nii.gz", np.ones((2, 3, 4), np.float32), affine)
+    write_nifti_zyx(tmp_path / "b.nii.gz", np.ones((4, 3, 2), np.float32), affine)
+    header = nifti_header((2, 3, 4, 1), affine, np.float32)
+    with NiftiFrameWriter(tmp_path / "c.nii.gz", header) as writer:
+        writer.write(np.ones((4, 3, 2), np.float32))
+    write_json(tmp_path / "d.json", {"a": 1})
+    write_slices(tmp_path / "e.npz", tacs=np.ones(3))
+    write_tsv(tmp_path / "f.tsv", pd.DataFrame({"a": [1]}))
+    write_blood_tsv(tmp_path / "g_blood.tsv", InputFunction([0.0, 60.0], [0.0, 1.0]))
+    with atomic_path(tmp_path / "h.md") as tmp:
+        tmp.write_text("table\n")
+    save_figure(plt.figure(), tmp_path / "i.pdf")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert stat.S_IMODE(plain.stat().st_mode) == umask_027
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {oct(umask_027)}, modes
+    assert len(modes) == 11
+
+
+def test_temporaries_name_their_writer_and_keep_the_suffix(tmp_path):
+    tmp = temporary_path(tmp_path / "sub-01_pet.nii.gz", pid=123)
+    assert tmp.name == f".sub-01_pet.kinpet-tmp-{socket.gethostname()}-123.nii.gz"
+    assert temporary_path(tmp_path / "labels.tsv", pid=7).name.endswith("-7.tsv")
+
+
+KILLED_WRITER = """
+import sys, time
+import numpy as np
+from kinpet.io import NiftiFrameWriter, nifti_header
+header = nifti_header((8, 8, 8, 3), np.eye(4), np.float32)
+writer = NiftiFrameWriter(sys.argv[1], header)
+writer.write(np.ones((8, 8, 8), np.float32))
+print("one frame written", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL in the middle of a streamed NIfTI leaves its temporary; the next write of
+    the same file removes it (its pid is dead). Temporaries of live processes, of other
+    hosts and of other files stay."""
+    target = tmp_path / "sub-01_pet.nii.gz"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout.readline().strip() == "one frame written"
+    writer.kill()
+    writer.wait()
+    left = temporary_path(target, pid=writer.pid)
+    assert left.exists() and not target.exists()
+    live = temporary_path(target, pid=os.getppid())
+    other_host = target.with_name(f".sub-01_pet.kinpet-tmp-elsewhere-{writer.pid}.nii.gz")
+    other_file = temporary_path(tmp_path / "sub-01_pet.json", pid=writer.pid)
+    for path in (live, other_host, other_file):
+        path.write_bytes(b"partial")
+    header = nifti_header((8, 8, 8, 1), np.eye(4), np.float32)
+    with NiftiFrameWriter(target, header) as again:
+        again.write(np.ones((8, 8, 8), np.float32))
+    assert not left.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [target.name, live.name, other_host.name, other_file.name]
+    )
+    assert remove_stale_temporaries(tmp_path / "sub-01_pet.json") == [other_file]
+
+
+WRITE_NIFTI = """
+import sys
+import numpy as np
+from kinpet.io import write_nifti, write_nifti_zyx
+data = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+write_nifti(sys.argv[1], data, np.diag([2.5, 2.5, 2.5, 1.0]))
+write_nifti_zyx(sys.argv[2], data, np.diag([2.5, 2.5, 2.5, 1.0]))
+"""
+
+
+def test_nifti_bytes_do_not_depend_on_the_writer_or_its_temporary(tmp_path):
+    """Two writes of the same NIfTI, by two processes (two temporary names), give the same
+    bytes: the gzip header holds no file name and no time."""
+    outputs = []
+    for run in ("a", "b"):
+        paths = [tmp_path / run / "sub-01_desc-K1_kinpar.nii.gz", tmp_path / run / "zyx.nii.gz"]
+        paths[0].parent.mkdir()
+        subprocess.run(
+            [sys.executable, "-c", WRITE_NIFTI, *map(str, paths)], check=True, cwd=tmp_path
+        )
+        outputs.append([p.read_bytes() for p in paths])
+    assert outputs[0] == outputs[1]
+    for data in outputs[0]:
+        assert data[:2] == b"\x1f\x8b" and data[3] & 0x08 == 0  # FNAME flag unset
+        assert data[4:8] == b"\0\0\0\0"  # mtime 0

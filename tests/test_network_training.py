@@ -1,5 +1,7 @@
 """The UNet's variants, the self-supervised loss, checkpoints and slice placement."""
 
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +17,17 @@ from kinpet.network import KineticUNet, count_parameters, pad_frames
 from kinpet.prediction import predict_slices, predict_volume
 from kinpet.training import (
     SliceSet,
+    TrainingBusyError,
     TrainSettings,
-    _save,
     build_model,
     learning_rate_schedule,
     load_checkpoint,
     load_model,
     masked_mse,
     model_tacs,
+    save_checkpoint,
     train,
+    training_lock,
 )
 
 FRAMES = FrameSchedule.paper()
@@ -153,24 +157,96 @@ def test_loss_decreases_and_logs(tmp_path):
     assert list(log.epoch) == list(range(1, 9))
     assert log.train_loss.iloc[-1] < 0.5 * log.train_loss.iloc[0]
     assert log.val_loss.notna().sum() == 2 and result["epoch"] in (4, 8)
-    assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+    # No lock file or temporary is left beside the outputs.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "log.csv"]
     model, loaded = load_model(tmp_path / "best.pt", device="cpu")
     assert loaded == settings
 
 
+class Killed(Exception):
+    """Stands for a kill in the middle of an epoch."""
+
+
+def kill_at(epoch):
+    """A monitor that raises at the validation of ``epoch`` (after best.pt, before last.pt)."""
+    seen = []
+
+    def monitor(model):
+        seen.append(1)
+        if len(seen) == epoch:
+            raise Killed
+        return {}
+
+    return monitor
+
+
+def same_weights(a_path, b_path):
+    a = torch.load(a_path, weights_only=True)["model"]
+    b = torch.load(b_path, weights_only=True)["model"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_resume_gives_identical_results(tmp_path):
+    """A run killed in its second epoch resumes from the state folder (which it keeps, as
+    the outputs may be deleted) and ends with the uninterrupted run's weights; the state
+    folder is removed at the end."""
+    import io as textio
+
+    import pandas as pd
+
     train_set, val_set = tiny_sets()
-    straight = TrainSettings(
-        epochs=2, batch_size=2, validate_every=1, learning_rate=1e-3, threads=2
+    settings = TrainSettings(epochs=3, batch_size=2, validate_every=1, learning_rate=1e-3)
+    train(train_set, val_set, settings, tmp_path / "straight", monitor=lambda m: {})
+    out, state = tmp_path / "out", tmp_path / "state" / "4.1"
+    with pytest.raises(Killed):
+        train(train_set, val_set, settings, out, True, monitor=kill_at(2), state_dir=state)
+    assert (state / "last.pt").exists() and not out.exists()
+    # A kill after an epoch's log row but before its last.pt: the row is dropped on resume.
+    with (state / "log.csv").open("a") as f:
+        f.write("2,0.001,1.0,,,,1.0\n")
+    log = textio.StringIO()
+    train(
+        train_set, val_set, settings, out, True, stream=log, monitor=lambda m: {}, state_dir=state
     )
-    train(train_set, val_set, straight, tmp_path / "straight")
-    interrupted = TrainSettings(**{**straight.__dict__, "epochs": 1})
-    train(train_set, val_set, interrupted, tmp_path / "resumed")
-    train(train_set, val_set, straight, tmp_path / "resumed", resume=True)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "resumed from epoch 1 of 3" in log.getvalue()
+    for name in ("last.pt", "best.pt"):
+        assert same_weights(tmp_path / "straight" / name, out / name)
+    assert list(pd.read_csv(out / "log.csv").epoch) == [1, 2, 3]
+    assert list(pd.read_csv(out / "monitor.csv").epoch) == [1, 2, 3]
+    assert not state.exists()
+
+
+@pytest.mark.slow
+def test_state_of_other_settings_is_not_resumed(tmp_path):
+    import io as textio
+
+    import pandas as pd
+
+    train_set, val_set = tiny_sets()
+    settings = TrainSettings(epochs=2, batch_size=2, validate_every=1, learning_rate=1e-3)
+    out, state = tmp_path / "out", tmp_path / "state"
+    with pytest.raises(Killed):
+        train(train_set, val_set, settings, out, True, monitor=kill_at(2), state_dir=state)
+    changed = TrainSettings(**{**settings.__dict__, "learning_rate": 2e-3})
+    log = textio.StringIO()
+    train(train_set, val_set, changed, out, True, stream=log, state_dir=state)
+    assert "not resuming" in log.getvalue() and "learning_rate 0.001 -> 0.002" in log.getvalue()
+    assert "resumed" not in log.getvalue()
+    assert list(pd.read_csv(out / "log.csv").epoch) == [1, 2]
+
+
+def test_second_trainer_on_one_folder_stops_at_once(tmp_path):
+    """While one process holds the state folder's lock, another train() stops before it
+    trains, naming the folder and the holder's pid."""
+    train_set, val_set = tiny_sets()
+    settings = TrainSettings(epochs=1, batch_size=2)
+    state = tmp_path / "state"
+    with training_lock(state):
+        message = f"{state}: another training holds train.lock \\(pid {os.getpid()}\\)"
+        with pytest.raises(TrainingBusyError, match=message):
+            train(train_set, val_set, settings, tmp_path / "out", True, state_dir=state)
+    assert not (tmp_path / "out").exists() and not (state / "last.pt").exists()
 
 
 def test_whole_volume_prediction_matches_slice_prediction():
@@ -211,8 +287,22 @@ def write_checkpoint(path, settings):
     optimizer.step()
     schedule.step()
     generator = torch.Generator().manual_seed(settings.seed)
-    _save(path, model, optimizer, schedule, generator, 0, {"val_loss": 1.5, "epoch": 1}, settings)
+    save_checkpoint(
+        path, model, optimizer, schedule, generator, 0, {"val_loss": 1.5, "epoch": 1}, settings
+    )
     return model
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_temporary_name(tmp_path):
+    """torch names a checkpoint's records after the file it is saved to: the temporary's
+    host and pid must not get into the bytes."""
+    settings = TrainSettings(seed=3)
+    for name in ("a.pt", "b.pt"):
+        torch.manual_seed(0)
+        write_checkpoint(tmp_path / name, settings)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    names = zipfile.ZipFile(tmp_path / "a.pt").namelist()
+    assert all(name.startswith("archive/") for name in names), names
 
 
 @pytest.mark.parametrize("schedule", ["step", "cosine"])

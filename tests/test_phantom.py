@@ -297,3 +297,42 @@ def test_command_line_simulates_a_dataset(tmp_path, capsys):
     assert description["DatasetType"] == "raw" and "BIDSVersion" in description
     assert nib.load(files(tmp_path, "sub-02")["pet"]).shape[3] == 62
     assert "sub-02: done" in capsys.readouterr().err
+
+
+def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tmp_path):
+    """The paper's body at 0.1 mm (a hundred billion voxels) stops with one line naming
+    the setting, the grid, the estimate and the memory, before any file or folder exists
+    (numpy's "Unable to allocate" came after the outputs were deleted)."""
+    subject = phantom.make_subject("sub-01", size="paper", voxel_mm=0.1)
+    root = tmp_path / "bids"
+    with pytest.raises(phantom.PhantomResourceError) as err:
+        phantom.simulate_subject(subject, root)
+    message = str(err.value)
+    gib = phantom.simulation_needs(subject.grid, 62)["memory"] / 2**30
+    available = phantom.available_memory() / 2**30
+    assert message == (
+        f"voxel_mm 0.1 mm: simulating sub-01 (paper body) on a 4000 x 2900 x 9000 grid "
+        f"(104400.0 million voxels) needs about {gib:.2f} GiB of memory, more than the "
+        f"{available:.2f} GiB available: use a larger voxel size"
+    )
+    assert not root.exists()
+
+
+def test_resource_check_names_the_config_value_and_the_scratch_disk(tmp_path, monkeypatch):
+    subject = phantom.make_subject("sub-02", size="demo", voxel_mm=0.25)
+    needs = phantom.simulation_needs(subject.grid, 62)
+    setting = "config phantom.voxel_mm"
+    with pytest.raises(
+        phantom.PhantomResourceError,
+        match=r"^config phantom.voxel_mm 0.25 mm: "
+        r"simulating sub-02 \(demo body\) on a 640 x 472 x 1000 grid .* GiB of "
+        r"memory, more than the 4.00 GiB available",
+    ):
+        phantom.check_simulation_resources(subject, 62, tmp_path, setting, memory=4 * 2**30)
+    free = type("Usage", (), {"free": needs["disk"] - 1})
+    monkeypatch.setattr(phantom.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(phantom.PhantomResourceError, match=f"GiB of scratch space in {tmp_path}"):
+        phantom.check_simulation_resources(subject, 62, tmp_path / "bids", setting, memory=2**50)
+    phantom.check_simulation_resources(
+        phantom.make_subject("sub-02", size="tiny"), 62, tmp_path, setting, memory=2**50
+    )

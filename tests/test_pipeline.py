@@ -1,9 +1,12 @@
 """The Snakemake pipeline: dry run, lint and a tiny end-to-end run into a temporary folder."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
@@ -21,6 +24,7 @@ from kinpet.inputfunction import InputFunction
 from kinpet.io import read_organ_values, read_slices
 from kinpet.kinetics import PARAMETER_NAMES, KineticModel, irreversible_2tc
 from kinpet.projection import project
+from kinpet.training import training_lock
 
 # Every test here runs Snakemake (dry runs included).
 pytestmark = pytest.mark.slow
@@ -581,3 +585,73 @@ def test_deleting_one_chunk_recomputes_only_that_chunk(tiny_run):
     ], res.stdout[-2000:]
     assert "results/fit/fast/sub-04/chunk-1.npz" in res.stdout
     assert "chunk-0.npz (" not in res.stdout and "chunk-2.npz (" not in res.stdout
+
+
+def test_killed_training_resumes_where_it_stopped(tmp_path):
+    """Kill Snakemake and its train job after an epoch; the rerun resumes from the state
+    folder (Snakemake deleted the job's outputs) and ends with the weights of an
+    uninterrupted run. While another process holds the folder's lock, train stops at once
+    with one line naming the folder and the holder's pid."""
+    work = copy_workflow(tmp_path)
+    config = yaml.safe_load((work / "tests/config/tiny.yaml").read_text())
+    epochs = 4
+    config["training"]["epochs"] = epochs
+    (work / "tests/config/resume.yaml").write_text(yaml.safe_dump(config))
+    run = ("--cores", "2", "--configfile", "tests/config/resume.yaml")
+    inputs = [
+        f"results/{kind}"
+        for s in ("sub-01", "sub-02", "sub-03")
+        for kind in (f"slices/{s}.npz", f"preprocessed/{s}/input_blood.tsv")
+    ]
+    res = snakemake(*inputs, *run, cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    target = "results/training/4.1/best.pt"
+    state = work / "results/training_state/4.1"
+    job = subprocess.Popen(
+        [SNAKEMAKE, target, *run],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not (state / "last.pt").exists() and job.poll() is None:
+        assert time.monotonic() < deadline, "no training state after 10 min"
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    time.sleep(1)  # the killed trainer's lock goes with it
+    done = pd.read_csv(state / "log.csv").epoch.tolist()
+    assert 1 <= len(done) < epochs, f"not killed mid-run: {done}"
+    assert not (work / "results/training/4.1/log.csv").exists()
+
+    assert snakemake("--unlock", *run, cwd=work).returncode == 0
+    res = snakemake(target, *run, "--rerun-incomplete", cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (work / "logs/train/4.1.log").read_text()
+    assert f"resumed from epoch {done[-1]} of {epochs}" in log, log
+    assert pd.read_csv(work / "results/training/4.1/log.csv").epoch.tolist() == list(
+        range(1, epochs + 1)
+    )
+    assert not state.exists()
+    resumed = {
+        n: torch.load(work / f"results/training/4.1/{n}", weights_only=True)["model"]
+        for n in ("best.pt", "last.pt")
+    }
+
+    with training_lock(state):
+        res = snakemake(target, *run, "--forcerun", "train", cwd=work)
+    assert res.returncode != 0
+    log = (work / "logs/train/4.1.log").read_text()
+    assert (
+        f"ERROR: results/training_state/4.1: another training holds train.lock "
+        f"(pid {os.getpid()})" in log
+    ), log
+
+    res = snakemake(target, *run, "--forcerun", "train", cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed" not in (work / "logs/train/4.1.log").read_text()
+    for name, weights in resumed.items():
+        straight = torch.load(work / f"results/training/4.1/{name}", weights_only=True)["model"]
+        assert straight.keys() == weights.keys()
+        assert all(torch.equal(straight[k], weights[k]) for k in straight), name

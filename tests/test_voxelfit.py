@@ -1,5 +1,6 @@
 """Chunked voxel-wise fitting: the chunks gather into the maps of one whole-volume fit."""
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -7,6 +8,7 @@ from kinpet.evaluation import axial_slice
 from kinpet.fitting import fit
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
+from kinpet.io import write_nifti, write_slices
 from kinpet.kinetics import irreversible_2tc
 from kinpet.voxelfit import (
     chunk_bounds,
@@ -14,6 +16,7 @@ from kinpet.voxelfit import (
     figure_slice,
     fit_chunk,
     gather_chunks,
+    read_chunk,
 )
 
 FRAMES = FrameSchedule.paper()
@@ -94,6 +97,29 @@ def test_chunks_gather_to_the_whole_volume_fit():
     np.testing.assert_allclose(whole[mask][:, 4], direct.ki, rtol=1e-5)
     # Voxels outside the mask stay NaN in every channel.
     assert np.isnan(whole[~mask]).all()
+
+
+def test_more_chunks_than_slices_gather_with_empty_chunks(tmp_path):
+    """fit.chunks above the slice count: the empty chunks read nothing (nibabel raised
+    OSError 22 on an empty slice range), are written and gathered like the others."""
+    pet, mask = small_volume()
+    path = tmp_path / "pet.nii.gz"
+    write_nifti(path, pet, np.eye(4))
+    image = nib.load(path)
+    covered = covered_slices(7, "all")
+    whole, _ = fit_chunk(pet, mask, 0, 7, covered, INPUT, FRAMES, "fast")
+    bounds = [chunk_bounds(7, 12, c) for c in range(12)]
+    assert any(z0 == z1 for z0, z1 in bounds)
+    chunks = []
+    for c, (z0, z1) in enumerate(bounds):
+        part = read_chunk(image, z0, z1)
+        assert part.shape == (5, 4, z1 - z0, len(FRAMES))
+        maps, _ = fit_chunk(part, mask[:, :, z0:z1], 0, z1 - z0, covered[z0:z1], INPUT, FRAMES)
+        write_slices(tmp_path / f"chunk-{c}.npz", maps=maps, z=np.array([z0, z1]))
+        with np.load(tmp_path / f"chunk-{c}.npz") as data:
+            chunks.append(data["maps"])
+    gathered = gather_chunks(chunks, bounds, mask.shape)
+    np.testing.assert_allclose(gathered, whole, rtol=1e-5, equal_nan=True)
 
 
 def test_reference_method_covers_only_its_slices():

@@ -9,7 +9,6 @@ up) and coronal planes head up.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from kinpet.evaluation import UNITS  # noqa: E402
+from kinpet.io import atomic_path  # noqa: E402
 
 METHOD_LABELS = {
     "network": "network",
@@ -60,13 +60,9 @@ def save_figure(fig: Figure, path, dpi: int = 150) -> None:
     """
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.{fmt}")
     metadata = {"CreationDate": None} if fmt == "pdf" else None
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def dodge_positions(n_groups: int, n_hues: int, width: float = BAR_WIDTH) -> np.ndarray:

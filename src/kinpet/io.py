@@ -3,10 +3,12 @@ maps) with validation, organ value tables, preprocessed outputs."""
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import os
-import tempfile
+import re
+import socket
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -61,7 +63,6 @@ def write_blood_tsv(path, input_function: InputFunction, description: str = "") 
     table = pd.DataFrame(
         {"time": input_function.times_s, "whole_blood_radioactivity": input_function.values}
     )
-    table.to_csv(path, sep="\t", index=False, float_format="%.10g")
     meta = {
         "Description": description or "Arterial input function",
         "PlasmaAvail": False,
@@ -74,7 +75,11 @@ def write_blood_tsv(path, input_function: InputFunction, description: str = "") 
             "Units": "kBq/mL",
         },
     }
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    # Both files through temporaries: the .json lands first, the .tsv (the output that
+    # Snakemake rules name first) last.
+    with atomic_path(path) as tmp, atomic_path(path.with_suffix(".json")) as tmp_json:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.10g")
+        tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def read_organ_values(path) -> pd.DataFrame:
@@ -455,24 +460,95 @@ def read_pet_bids(
 # -- writing, atomically ------------------------------------------------------------------
 
 
+# -- temporary files of atomic writes -----------------------------------------------------
+# Every output is written under a temporary name beside it and renamed when complete. The
+# name says whose it is, ``.<stem>.kinpet-tmp-<host>-<pid><suffixes>``, so that a later
+# write of the same file removes what a killed writer left (gigabytes at paper size).
+
+TEMP_TAG = ".kinpet-tmp-"
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    # Writers choose the format by the name's end (.nii.gz, .npz, .pdf): keep it.
+    lowered = name.lower()
+    for compound in (".nii.gz", ".tsv.gz", ".tar.gz"):
+        if lowered.endswith(compound) and len(name) > len(compound):
+            return name[: -len(compound)], name[-len(compound) :]
+    stem, dot, ext = name.rpartition(".")
+    return (stem, dot + ext) if dot and stem else (name, "")
+
+
+def temporary_path(path, pid: int | None = None) -> Path:
+    """The temporary name of ``path`` for process ``pid`` (default: this one) on this host."""
+    path = Path(path)
+    stem, suffix = _split_suffix(path.name)
+    pid = os.getpid() if pid is None else int(pid)
+    return path.with_name(f".{stem}{TEMP_TAG}{socket.gethostname()}-{pid}{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Remove the temporaries of ``path`` (:func:`temporary_path`) left by processes of this
+    host that no longer run, and this process's own; return what was removed.
+
+    Temporaries of other hosts (a shared file system) are kept: their writers may run.
+    """
+    path = Path(path)
+    stem, suffix = _split_suffix(path.name)
+    pattern = re.compile(
+        rf"\.{re.escape(stem)}{re.escape(TEMP_TAG)}(?P<host>.+)-(?P<pid>\d+){re.escape(suffix)}"
+    )
+    host, removed = socket.gethostname(), []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.glob(f".{glob.escape(stem)}{TEMP_TAG}*"):
+        match = pattern.fullmatch(candidate.name)
+        if not match or match["host"] != host:
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or not _pid_alive(pid):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def new_temporary(path) -> Path:
+    """Prepare the temporary name of ``path`` (its folder made, stale temporaries removed).
+
+    The writer creates the file with a plain ``open()``, so the output gets the mode any
+    new file gets (0666 minus the umask), not ``mkstemp``'s 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    return temporary_path(path)
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it to ``path`` only on success.
 
-    The temporary name keeps the file's suffixes (``.nii.gz``, ``.npz``) so that writers
-    choosing the format by name behave the same. A failed write leaves nothing behind.
+    The temporary name (:func:`temporary_path`) keeps the file's suffixes (``.nii.gz``,
+    ``.npz``) so that writers choosing the format by name behave the same. A failed write
+    leaves nothing behind; a killed one leaves a temporary that the next write of ``path``
+    removes. The output's mode is that of a plain ``open()`` (0666 minus the umask).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    handle, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    tmp = new_temporary(path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -530,10 +606,6 @@ def read_slices(path) -> dict:
 _NIFTI_VOX_OFFSET = 352  # 348-byte header + 4-byte (empty) extension flag
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def nifti_header(shape, affine, dtype, frames: FrameSchedule | None = None):
     """A NIfTI-1 header (mm, s) for an image of ``shape`` (x, y, z[, t]) and ``affine``."""
     import nibabel as nib
@@ -565,7 +637,7 @@ class NiftiFrameWriter:
         self.dtype = header.get_data_dtype()
         self.shape = header.get_data_shape()
         self.frames_written = 0
-        self._tmp = _atomic_path(self.path)
+        self._tmp = new_temporary(self.path)
         self._raw = open(self._tmp, "wb")
         self._gz = gzip.GzipFile(
             filename="", mode="wb", fileobj=self._raw, compresslevel=compresslevel, mtime=0
@@ -605,16 +677,13 @@ def write_nifti_zyx(path, volume_zyx: np.ndarray, affine, compresslevel: int = 6
     raw_header = header.binaryblock
     payload = raw_header + b"\0" * (_NIFTI_VOX_OFFSET - len(raw_header))
     payload += np.ascontiguousarray(volume_zyx, dtype=header.get_data_dtype()).tobytes()
-    tmp = _atomic_path(path)
-    tmp.write_bytes(gzip.compress(payload, compresslevel=compresslevel, mtime=0))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(payload, compresslevel=compresslevel, mtime=0))
 
 
 def write_tsv(path, table: pd.DataFrame) -> None:
-    path = Path(path)
-    tmp = _atomic_path(path)
-    table.to_csv(tmp, sep="\t", index=False, float_format="%.10g")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.10g")
 
 
 def write_label_table(path, labels: dict) -> None:
@@ -775,9 +844,5 @@ def write_table_atomic(path, table: pd.DataFrame) -> None:
     """Write a TSV (or CSV for ``.csv``) in one piece: never a half-written file."""
     path = Path(path)
     sep = "," if path.suffix.lower() == ".csv" else "\t"
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         table.to_csv(tmp, sep=sep, index=False, float_format="%.6g")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -35,6 +35,8 @@ orientation "LPS").
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -713,6 +715,102 @@ def blur(image: np.ndarray, fwhm_mm: float, voxel_mm: float) -> np.ndarray:
 # -- simulation ----------------------------------------------------------------------------------
 
 
+# -- resources ------------------------------------------------------------------------------------
+# What simulate_subject allocates: the label map and the five truth maps of the whole grid
+# (22 bytes a voxel), and frame by frame the frame, its blur, the noise and their
+# temporaries, and a NIfTI's bytes (about 38 more); the kinetic model of one slab (at
+# least one slice; 1.5 kB a body voxel, measured); torch and the rest (under 1 GiB).
+# Allocations, not resident pages: the resident peak is lower (zero pages of the
+# background are never touched: 17 bytes a voxel measured on the demo body at 1 mm), but
+# an allocation larger than the memory fails whatever is touched later.
+SIMULATION_BYTES_PER_VOXEL = 60
+MODEL_BYTES_PER_VOXEL = 1600
+SIMULATION_FIXED_BYTES = 1 << 30
+
+
+class PhantomResourceError(ValueError):
+    """A simulation that would not fit in memory or on disk."""
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may use: the physical memory (``os.sysconf``), or the
+    cgroup's limit when lower (a SLURM job's ``mem_mb``, a container)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def simulation_needs(grid: Grid, n_frames: int) -> dict:
+    """Estimated peak memory and scratch disk (bytes) of simulating on ``grid``.
+
+    The scratch file holds the noise-free frames, 4 bytes a voxel and frame, beside the
+    output; the memory estimate is :data:`SIMULATION_BYTES_PER_VOXEL` a voxel of the grid,
+    :data:`MODEL_BYTES_PER_VOXEL` a voxel of one slab and :data:`SIMULATION_FIXED_BYTES`.
+    """
+    voxels = int(np.prod(grid.shape, dtype=np.int64))
+    slab = max(_SLAB_VOXELS, grid.shape[0] * grid.shape[1])
+    return {
+        "voxels": voxels,
+        "memory": SIMULATION_FIXED_BYTES
+        + SIMULATION_BYTES_PER_VOXEL * voxels
+        + MODEL_BYTES_PER_VOXEL * slab,
+        "disk": 4 * voxels * int(n_frames),
+    }
+
+
+def check_simulation_resources(
+    subject: Subject, n_frames: int, root, setting: str = "voxel_mm", memory=None
+) -> None:
+    """Refuse a simulation that cannot fit, before anything is computed or written.
+
+    Parameters
+    ----------
+    subject : Subject
+    n_frames : int
+    root : path-like
+        The dataset folder the subject is written to (its file system must hold the
+        scratch file).
+    setting : str
+        How the voxel size is named in the message (``config phantom.voxel_mm``).
+    memory : int, optional
+        Bytes available (default: :func:`available_memory`).
+
+    Raises
+    ------
+    PhantomResourceError
+        Naming the setting and its value, the grid, the estimate and what is available.
+    """
+    grid = subject.grid
+    needs = simulation_needs(grid, n_frames)
+    memory = available_memory() if memory is None else int(memory)
+    shape = " x ".join(map(str, grid.shape))
+    what = (
+        f"{setting} {grid.voxel_mm:g} mm: simulating {subject.subject_id} "
+        f"({subject.size.name} body) on a {shape} grid ({needs['voxels'] / 1e6:.1f} million "
+        "voxels) needs about"
+    )
+    if needs["memory"] > memory:
+        raise PhantomResourceError(
+            f"{what} {needs['memory'] / 2**30:.2f} GiB of memory, more than the "
+            f"{memory / 2**30:.2f} GiB available: use a larger voxel size"
+        )
+    folder = Path(root).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needs["disk"] > free:
+        raise PhantomResourceError(
+            f"{what} {needs['disk'] / 2**30:.2f} GiB of scratch space in {folder}, more "
+            f"than the {free / 2**30:.2f} GiB free: use a larger voxel size or free space"
+        )
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -740,7 +838,15 @@ def simulate_subject(
     -------
     dict
         Summary: shape, voxels, noise scale ``a``, reference value, timings (s).
+
+    Raises
+    ------
+    PhantomResourceError
+        Before anything is written, when the grid would not fit in memory or its scratch
+        file on disk (:func:`check_simulation_resources`).
     """
+    frames = FrameSchedule.paper() if frames is None else frames
+    check_simulation_resources(subject, len(frames), root)
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
@@ -855,19 +961,14 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
             **{n: {"Description": described, "Units": units[n]} for n in PARAMETER_NAMES},
         },
     )
-    # write_blood_tsv writes the .tsv and its .json: both go to temporary names first.
-    blood = pet_dir / f"{sid}_recording-idif_blood.tsv"
-    tmp_blood = blood.with_name(f".{blood.stem}.tmp.tsv")
     io.write_blood_tsv(
-        tmp_blood,
+        pet_dir / f"{sid}_recording-idif_blood.tsv",
         inp,
         description=(
             f"True input function of the kinpet phantom: Feng et al. 1993 model 2, peak "
             f"{subject.input_peak_kbq_per_ml:.3f} kBq/mL, delay {subject.input_delay_s:.3f} s"
         ),
     )
-    tmp_blood.with_suffix(".json").replace(blood.with_suffix(".json"))
-    tmp_blood.replace(blood)
     sidecar = pet_sidecar(frames, subject, fwhm_mm, noise_cov, a, reference_frame, reference)
     io.write_json(pet_dir / f"{sid}_pet.json", sidecar)
     elapsed = time.perf_counter() - t_start

@@ -8,78 +8,44 @@ low-activity mask). No labels are needed: the kinetic model is the teacher.
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import functools
 import math
-import pickle
+import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+# The "X as X" imports from kinpet.checkpoints and kinpet.settings are re-exports: the
+# training API stays one import (kinpet.training).
+from kinpet.checkpoints import STATE_FILES as STATE_FILES
+from kinpet.checkpoints import TrainingBusyError as TrainingBusyError
+from kinpet.checkpoints import append_row as append_row
+from kinpet.checkpoints import data_fingerprint as data_fingerprint
+from kinpet.checkpoints import load_checkpoint as load_checkpoint
+from kinpet.checkpoints import save_checkpoint as save_checkpoint
+from kinpet.checkpoints import stale_reason as stale_reason
+from kinpet.checkpoints import training_lock as training_lock
+from kinpet.checkpoints import truncate_log as truncate_log
 from kinpet.fitting import frame_weights
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import KinpetInputError
+from kinpet.io import remove_stale_temporaries
 from kinpet.kinetics import KineticModel
-from kinpet.metrics import MASK_AUC_TIMES, activity_mask, tac_metrics
-from kinpet.network import HEAD_INITS, KineticUNet, slices_to_parameters
+from kinpet.metrics import activity_mask, tac_metrics
+from kinpet.network import KineticUNet, slices_to_parameters
 from kinpet.projection import project_maps
-
-SCALINGS = ("none", "input")
-LOSS_WEIGHTS = ("none", "duration", "duration_decay", "blend")
-SCHEDULES = ("step", "cosine", "multistep")
-SAMPLINGS = ("average", "mid", "paper")
-
-# Training recipes: the values a recipe gives the settings that are left unset (None) in
-# TrainSettings. The one place where a recipe expands (TrainSettings.__post_init__).
-# "kinpet": kinpet's defaults (the results of earlier versions are unchanged under it).
-# "paper": the published code (FrancescaDB/self_supervised_PBPK_modelling: main.py,
-# config.yaml, utils/utils_main.py, network/unet_blocks*.py; README "Training recipes").
-RECIPES = {
-    "kinpet": {
-        "learning_rate": 1e-4,
-        "batch_size": 5,
-        "validate_every": 5,
-        "sampling": "average",
-        "scaling": "none",
-        "loss_weights": "none",
-        "schedule": "step",
-        "milestones": [25, 50, 75, 100],
-        "gamma": 0.5,
-        "early_stopping_patience": 0,
-        "mask_auc": "mid",
-        "straight_through": True,
-        "head_init": "kinpet",
-        "shared_temporal": False,
-        "decimate_time": False,
-        "flips": False,
-        "projection": False,
-    },
-    "paper": {
-        "learning_rate": 1e-4,
-        "batch_size": 5,
-        "validate_every": 5,
-        "sampling": "paper",
-        "scaling": "none",
-        "loss_weights": "none",
-        "schedule": "multistep",
-        "milestones": [25, 50, 75, 100],
-        "gamma": 0.5,
-        "early_stopping_patience": 25,
-        "mask_auc": "start",
-        "straight_through": False,
-        "head_init": "pytorch",
-        "shared_temporal": True,
-        "decimate_time": True,
-        "flips": False,
-        "projection": False,
-    },
-}
+from kinpet.settings import LOSS_WEIGHTS as LOSS_WEIGHTS
+from kinpet.settings import RECIPES as RECIPES
+from kinpet.settings import SCALINGS as SCALINGS
+from kinpet.settings import SCHEDULES as SCHEDULES
+from kinpet.settings import TrainSettings as TrainSettings
+from kinpet.settings import settings_from_config as settings_from_config
 
 
 def input_scale(input_function: InputFunction, frames: FrameSchedule) -> float:
@@ -109,165 +75,6 @@ def scaled_input(input_function: InputFunction, scale: float) -> InputFunction:
     return InputFunction(
         input_function.times_s, input_function.values / scale, source=input_function.source
     )
-
-
-@dataclass
-class TrainSettings:
-    """Choices of one training run.
-
-    A setting left at None takes the value of ``recipe`` (:data:`RECIPES`); one given
-    explicitly wins over the recipe. The defaults below are the ``kinpet`` recipe's.
-
-    Attributes
-    ----------
-    recipe : {"kinpet", "paper"}
-        "kinpet": kinpet's defaults. "paper": the published code's training loop and
-        network (README, "Training recipes"): plain clamps, PyTorch's initialisation,
-        shared temporal convolutions, time-decimating space pooling, MultiStepLR at
-        epochs 25, 50, 75, 100 (x0.5), early stopping after 25 validation checks, the
-        mask's area over frame starts, the discrete 0.1-min model (``sampling: paper``),
-        no scaling, equal frame weights, no projection, no flips, learning rate 1e-4,
-        batch size 5, validation every 5 epochs. The activation is the ablation's.
-    convolution, pooling, activation : str
-        The ablation switches of :class:`kinpet.network.KineticUNet`.
-    epochs : int
-        Maximum number of epochs (500 in the paper; 100 in the published config.yaml).
-    batch_size : int
-        Slices per optimisation step (5).
-    learning_rate : float
-        Initial AdamW learning rate (1e-4).
-    halve_every : int
-        Period (epochs) of the ``step`` schedule (25).
-    validate_every : int
-        Validation period in epochs (5); the last epoch is always validated.
-    sampling : str
-        Kinetic model sampling mode used in the loss ("average" exact, "paper" as published).
-    mask_threshold : float
-        Minimum TAC area (kBq/ml x min) of the pixels in the loss and the metrics.
-    mask_auc : {"mid", "start"}
-        Time points (min) of that area's trapezoid: frame mid-times, or frame starts (as
-        published; :func:`kinpet.metrics.activity_mask`).
-    seed : int
-        Seed of weights, data order and every random generator.
-    device : str
-        "auto" (CUDA when visible, else CPU), "cpu" or "cuda[:N]".
-    threads : int or None
-        CPU threads for torch (None: torch's default).
-    amp : bool
-        bfloat16 autocast of the network on CUDA (the kinetic model stays float32).
-    scaling : {"none", "input"}
-        "none" (the published code): TACs enter the network and the loss in kBq/ml.
-        "input": each subject's TACs and its input function are divided by the input's
-        time average over the scan (:func:`input_scale`), so that every subject enters at
-        the same scale; the parameters are unchanged by it (the model is linear in the
-        input).
-    loss_weights : {"none", "duration", "duration_decay", "blend"}
-        Weight of each frame in the loss (:func:`kinpet.fitting.frame_weights`, mean 1):
-        equal (the published code), proportional to its duration (a frame's noise
-        variance is inversely proportional to its length, so the 2-s frames no longer
-        weigh as much as the 300-s ones), duration times the F-18 decay factor, or
-        "blend": the mean of equal and duration-times-decay weights.
-    schedule : {"step", "cosine", "multistep"}
-        "step": the learning rate is multiplied by ``gamma`` every ``halve_every`` epochs,
-        for ever; "cosine": a linear warm-up over ``warmup_epochs``, then a cosine decay to
-        0 at the last epoch (for short budgets); "multistep": multiplied by ``gamma`` at
-        each epoch of ``milestones``, constant after the last (the published MultiStepLR).
-    milestones : list of int
-        Epochs at which the ``multistep`` schedule multiplies the learning rate by
-        ``gamma`` ([25, 50, 75, 100]).
-    gamma : float
-        Factor of the ``step`` and ``multistep`` schedules (0.5).
-    warmup_epochs : int
-        Epochs of linear warm-up of the cosine schedule.
-    early_stopping_patience : int
-        Stop when this many validation checks in a row have not improved on the best
-        validation loss (0: never stop early; the published code: 25 checks).
-    flips : bool
-        Random left-right and anterior-posterior flips of each training batch (the
-        kinetics are per pixel, so a flipped slice is as valid a sample).
-    projection : bool
-        False (the paper): the network's four outputs are the parameters. True: only
-        beta = k2 + k3 is taken from the network; Vb, K1 and the k2/k3 split are each
-        pixel's bounded least-squares solution for that beta under the loss's frame
-        weights (:mod:`kinpet.projection`), in training, validation and prediction alike.
-    straight_through, head_init, shared_temporal, decimate_time
-        The switches of :class:`kinpet.network.KineticUNet` that restore the published
-        network (False, "pytorch", True, True) or keep kinpet's (True, "kinpet", False,
-        False): straight-through clamp gradients in training, the head's initial bias,
-        one temporal convolution shared by a block's two units, and ``space`` pooling that
-        halves time by striding.
-    """
-
-    convolution: str = "space_time"
-    pooling: str = "3d"
-    activation: str = "multi_clamp"
-    epochs: int = 500
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    halve_every: int = 25
-    validate_every: int | None = None
-    sampling: str | None = None
-    mask_threshold: float = 10.0
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    amp: bool = False
-    scaling: str | None = None
-    loss_weights: str | None = None
-    schedule: str | None = None
-    warmup_epochs: int = 0
-    flips: bool | None = None
-    projection: bool | None = None
-    recipe: str = "kinpet"
-    milestones: list | None = None
-    gamma: float | None = None
-    early_stopping_patience: int | None = None
-    mask_auc: str | None = None
-    straight_through: bool | None = None
-    head_init: str | None = None
-    shared_temporal: bool | None = None
-    decimate_time: bool | None = None
-
-    def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {tuple(RECIPES)}, not {self.recipe!r}")
-        for name, value in RECIPES[self.recipe].items():
-            if getattr(self, name) is None:
-                # A copy: the recipe's lists must not be shared with (and changed by) a run.
-                setattr(self, name, list(value) if isinstance(value, list) else value)
-        self.milestones = [int(m) for m in self.milestones]
-        for name, allowed in (
-            ("scaling", SCALINGS),
-            ("loss_weights", LOSS_WEIGHTS),
-            ("schedule", SCHEDULES),
-            ("sampling", SAMPLINGS),
-            ("mask_auc", MASK_AUC_TIMES),
-            ("head_init", HEAD_INITS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-
-
-def settings_from_config(given: dict, underneath: dict | None = None, **overrides):
-    """:class:`TrainSettings` from the pipeline's ``training`` settings.
-
-    Parameters
-    ----------
-    given : dict
-        Settings given with (or after) the recipe: they win over it.
-    underneath : dict, optional
-        Settings of an earlier config file than the one naming the recipe (the default
-        ``config/config.yaml`` under a ``--configfile`` with ``recipe: paper``): the
-        recipe's values replace them where it has one.
-    **overrides
-        Win over everything (the ablation's switches, the job's threads).
-    """
-    given = {**given, **overrides}
-    recipe = given.get("recipe", (underneath or {}).get("recipe", "kinpet"))
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {tuple(RECIPES)}, not {recipe!r}")
-    kept = {k: v for k, v in (underneath or {}).items() if k not in RECIPES[recipe]}
-    return TrainSettings(**{**kept, **given, "recipe": recipe})
 
 
 @dataclass
@@ -557,12 +364,24 @@ def train(
     resume: bool = False,
     stream=sys.stderr,
     monitor=None,
+    state_dir=None,
 ) -> dict:
     """Train one ablation; write ``best.pt``, ``last.pt`` and ``log.csv`` into ``out_dir``.
 
-    With ``resume=True`` and an existing ``last.pt``, training continues from it with the
-    same weights, optimiser, schedule, data order and random state, so the result equals
-    an uninterrupted run.
+    While training, these files (and ``monitor.csv``) live in ``state_dir`` (default:
+    ``out_dir``), rewritten atomically after every epoch; when ``state_dir`` is another
+    folder they are moved into ``out_dir`` at the end and ``state_dir`` is removed. A
+    workflow manager that deletes its outputs before rerunning a job (Snakemake) thus
+    leaves the state of a killed run in place.
+
+    With ``resume=True`` and a ``last.pt`` in ``state_dir`` saved under the same settings
+    (``threads`` aside) and the same data (:func:`data_fingerprint`), training continues
+    from it with the same weights, optimiser, schedule, data order and random state, so
+    the result equals an uninterrupted run. A state saved under other settings or data is
+    not resumed: training starts afresh and the log says why.
+
+    The whole run holds :func:`training_lock` on ``state_dir``: a second trainer on the
+    same folder stops at once with :class:`TrainingBusyError`.
 
     ``monitor`` (optional, e.g. :func:`kinpet.convergence.monitor_subject`) is called with
     the network at every validation; its dict, the epoch and the training set's loss in
@@ -573,7 +392,23 @@ def train(
     dict with the best validation loss, its epoch and the device used.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = out_dir if state_dir is None else Path(state_dir)
+    separate = state_dir.resolve() != out_dir.resolve()
+    with training_lock(state_dir) as lock:
+        result = _train_locked(train_set, val_set, settings, state_dir, resume, stream, monitor)
+        for name in STATE_FILES:
+            remove_stale_temporaries(state_dir / name)  # of saves that a kill cut short
+            if separate and (state_dir / name).exists():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                os.replace(state_dir / name, out_dir / name)
+        lock.unlink()
+    if separate:
+        with contextlib.suppress(OSError):  # not empty: files of someone else; keep them
+            state_dir.rmdir()
+    return result
+
+
+def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monitor):
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = pick_device(settings.device)
@@ -582,21 +417,39 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
     schedule = learning_rate_schedule(optimizer, settings)
     weights = loss_weights(train_set.frames, settings, device)
+    fingerprint = data_fingerprint(train_set, val_set)
     start_epoch, best = 0, {"val_loss": math.inf, "epoch": -1}
-    last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.csv"
-    monitor_path = out_dir / "monitor.csv"
+    last_path, best_path = state_dir / "last.pt", state_dir / "best.pt"
+    log_path, monitor_path = state_dir / "log.csv", state_dir / "monitor.csv"
+    state = None
     if resume and last_path.exists():
         state = load_checkpoint(last_path, device)
+        reason = stale_reason(state, settings, fingerprint)
+        if reason:
+            print(f"not resuming from {last_path} ({reason}): starting afresh", file=stream)
+            state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best = state["epoch"] + 1, state["best"]
-        print(f"resumed from {last_path} at epoch {start_epoch}", file=stream)
-    else:
         for path in (log_path, monitor_path):
+            truncate_log(path, start_epoch)
+        print(f"resumed from epoch {start_epoch} of {settings.epochs} ({last_path})", file=stream)
+    else:
+        for path in (log_path, monitor_path, best_path, last_path):
             path.unlink(missing_ok=True)
+    save = functools.partial(
+        save_checkpoint,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        generator=generator,
+        settings=settings,
+        data=fingerprint,
+    )
     print(
         f"device {device}; {settings.convolution}/{settings.pooling}/{settings.activation}"
         f"{' with projection' if settings.projection else ''}; "
@@ -635,82 +488,21 @@ def train(
             )
             if val_loss < best["val_loss"]:
                 best = {"val_loss": val_loss, "epoch": epoch + 1}
-                _save(best_path, model, optimizer, schedule, generator, epoch, best, settings)
+                save(best_path, epoch=epoch, best=best)
         row["seconds"] = time.perf_counter() - started  # without the monitor's time
         if validate and monitor is not None:
             extra = {"epoch": epoch + 1, "train_eval_loss": evaluate(model, train_set, settings)[0]}
             extra.update(monitor(model))
-            _append_csv(monitor_path, extra, list(extra))
+            append_row(monitor_path, extra, list(extra))
             model.train()
-        _append_csv(log_path, row)
+        append_row(log_path, row)
         progress.epoch(epoch, row)
-        _save(last_path, model, optimizer, schedule, generator, epoch, best, settings)
+        # last.pt last: a run killed before this line redoes the epoch, and the rows the
+        # epoch appended to the logs are dropped on resume (truncate_log).
+        save(last_path, epoch=epoch, best=best)
     if not best_path.exists():  # no validation data: the last state is the best we have
-        _save(best_path, model, optimizer, schedule, generator, settings.epochs - 1, best, settings)
+        save(best_path, epoch=settings.epochs - 1, best=best)
     return {**best, "device": str(device)}
-
-
-def _save(path, model, optimizer, schedule, generator, epoch, best, settings):
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "epoch": epoch,
-        "best": best,
-        "settings": asdict(settings),
-    }
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_cs", "val_mae", "seconds"]
-
-
-def _append_csv(path: Path, row: dict, columns=LOG_COLUMNS):
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in columns})
-
-
-def load_checkpoint(path, device="cpu") -> dict:
-    """The state dict of a checkpoint written by :func:`train`, read without running code.
-
-    Checkpoints hold only tensors and plain Python types (the settings as a dict), so
-    they are read with ``weights_only=True``: a file carrying other pickled objects (which
-    unpickling would construct, i.e. run) is refused.
-
-    Raises
-    ------
-    KinpetInputError
-        Naming the file: missing, truncated or corrupt, or holding objects other than
-        tensors and plain types.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise KinpetInputError(f"{path}: file not found")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message is many lines of advice on weights_only=False: keep its first.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise KinpetInputError(
-            f"{path}: refused: the checkpoint holds objects other than tensors and plain "
-            f"types, which loading would run ({first})"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise KinpetInputError(
-            f"{path}: cannot read the checkpoint (truncated or corrupt?): {err}"
-        ) from None
-    missing = [k for k in ("model", "settings") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise KinpetInputError(f"{path}: not a kinpet checkpoint (no {', '.join(missing)})")
-    return state
 
 
 def load_model(path, device="auto") -> tuple[KineticUNet, TrainSettings]:

@@ -19,11 +19,26 @@ FIGURE4_ORGANS = ("liver", "spleen", "kidneys")
 
 
 def chunk_bounds(n_slices: int, n_chunks: int, chunk: int) -> tuple[int, int]:
-    """Slices [z0, z1) of chunk ``chunk`` when ``n_slices`` are cut into ``n_chunks``."""
+    """Slices [z0, z1) of chunk ``chunk`` when ``n_slices`` are cut into ``n_chunks``.
+
+    With more chunks than slices some chunks are empty (z0 == z1): they fit nothing and
+    :func:`gather_chunks` takes them as they are.
+    """
     if not 0 <= chunk < n_chunks:
         raise ValueError(f"chunk {chunk} is not in 0..{n_chunks - 1}")
     edges = np.linspace(0, n_slices, n_chunks + 1).round().astype(int)
     return int(edges[chunk]), int(edges[chunk + 1])
+
+
+def read_chunk(image, z0: int, z1: int) -> np.ndarray:
+    """Slices [z0, z1) of a 4-D image (nibabel, [X, Y, Z, T]) as float32.
+
+    A chunk may hold no slice (more chunks than slices, see :func:`chunk_bounds`): it
+    reads nothing, because nibabel's proxy fails on an empty slice range (OSError 22).
+    """
+    if z1 <= z0:
+        return np.zeros((*image.shape[:2], 0, *image.shape[3:]), dtype=np.float32)
+    return np.asarray(image.dataobj[:, :, z0:z1, ...], dtype=np.float32)
 
 
 def figure_slice(labels: np.ndarray, names: dict, organs=FIGURE4_ORGANS) -> int:

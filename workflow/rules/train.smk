@@ -35,6 +35,10 @@ rule train:
         underneath=TRAINING_UNDERNEATH,
         monitor_organs=EVALUATION["organs"],
         erode_voxels=EVALUATION["erode_voxels"],
+    # The script keeps the resumable state of a run in progress in
+    # results/training_state/{ablation}/ (README, "Faults"): no output, so Snakemake leaves
+    # it in place when it reruns a killed job. Not a param either: a new param would make
+    # Snakemake rerun every finished training.
     script:
         "../scripts/train.py"
 

@@ -9,7 +9,14 @@ import torch
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import read_label_table, write_slices
-from kinpet.voxelfit import MAP_NAMES, chunk_bounds, covered_slices, figure_slice, fit_chunk
+from kinpet.voxelfit import (
+    MAP_NAMES,
+    chunk_bounds,
+    covered_slices,
+    figure_slice,
+    fit_chunk,
+    read_chunk,
+)
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
 sm = snakemake  # noqa: F821
@@ -25,7 +32,7 @@ figure_z = (
 covered = covered_slices(labels.shape[2], spec, figure_z)
 frames = FrameSchedule.from_bids_json(sm.input.pet_json)
 inp = InputFunction.from_blood_tsv(sm.input.blood)
-pet = np.asarray(pet_img.dataobj[:, :, z0:z1, :], dtype=np.float32)
+pet = read_chunk(pet_img, z0, z1)
 mask = labels[:, :, z0:z1] > 0  # the body; outside it the maps stay NaN
 options = {"weights": sm.params.weights, "sampling": sm.params.sampling}
 if method == "curve_fit":

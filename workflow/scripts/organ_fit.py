@@ -1,6 +1,5 @@
 """Fit the mean curve of each labelled organ of one subject with both methods."""
 
-import os
 import sys
 
 import nibabel as nib
@@ -10,7 +9,7 @@ import pandas as pd
 from kinpet.fitting import fit
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import read_label_table
+from kinpet.io import atomic_path, read_label_table
 from kinpet.preprocessing import mean_curve
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
@@ -42,7 +41,6 @@ for method in ("curve_fit", "fast"):
             }
         )
 table = pd.DataFrame(rows)
-tmp = sm.output[0] + ".tmp"
-table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-os.replace(tmp, sm.output[0])
+with atomic_path(sm.output[0]) as tmp:
+    table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 print(table.to_string(), file=sys.stderr)

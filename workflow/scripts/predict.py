@@ -1,6 +1,5 @@
 """Whole-body parametric images of one subject from a trained network, and per-slice metrics."""
 
-import os
 import sys
 import time
 
@@ -11,6 +10,7 @@ import torch
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
+from kinpet.io import atomic_path
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.prediction import predict_volume, volume_slices
@@ -71,14 +71,12 @@ for z in range(pet.shape[2]):
     cs, mae = tac_metrics(measured, predicted, mask)
     rows.append({"z": z, "pixels": int(mask.sum()), "cs": cs[0], "mae": mae[0]})
 table = pd.DataFrame(rows)
-tmp = sm.output.metrics + ".tmp"
-table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-os.replace(tmp, sm.output.metrics)
+with atomic_path(sm.output.metrics) as tmp:
+    table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
 for index, path in enumerate(sm.output.maps):
     img = nib.Nifti1Image(maps[..., index], pet_img.affine)
     img.header.set_xyzt_units("mm")
-    tmp = path.replace(".nii.gz", ".tmp.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
 print(f"wrote {len(sm.output.maps)} maps; mean CS {np.nanmean(table.cs):.3f}", file=sys.stderr)

@@ -2,9 +2,7 @@
 size; write the input function and the frame sidecar beside them."""
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +73,9 @@ if params.input_function == "aorta":
     description = "Image-derived input: mean of the aorta label per frame, at frame mid-times"
 else:
     description = f"Blood recording {Path(inp.source).name} ({params.blood_column})"
-# write_blood_tsv writes the .tsv and its .json: write both in a scratch folder, then move.
-with tempfile.TemporaryDirectory(dir=Path(out.blood).parent) as scratch:
-    staged = Path(scratch) / Path(out.blood).name
-    write_blood_tsv(staged, inp, description=description)
-    os.replace(staged.with_suffix(".json"), out.blood_json)
-    os.replace(staged, out.blood)
+# write_blood_tsv writes the .tsv and its .json beside it, each through a temporary name.
+assert Path(out.blood_json) == Path(out.blood).with_suffix(".json")
+write_blood_tsv(out.blood, inp, description=description)
 
 sidecar = {
     **study.frames.to_bids(),

@@ -22,10 +22,16 @@ subject = phantom.make_subject(
 )
 # The dataset root is three levels above the PET file: <root>/sub-XX/pet/sub-XX_pet.nii.gz.
 root = Path(snakemake.output.pet).parents[2]  # noqa: F821
+frames = frames_from_spec(cfg.frames)
+try:
+    phantom.check_simulation_resources(subject, len(frames), root, "config phantom.voxel_mm")
+except phantom.PhantomResourceError as err:
+    print(f"ERROR: {err}", file=sys.stderr)
+    sys.exit(1)
 summary = phantom.simulate_subject(
     subject,
     root,
-    frames=frames_from_spec(cfg.frames),
+    frames=frames,
     fwhm_mm=cfg.fwhm_mm,
     noise_cov=cfg.noise_cov,
     threads=snakemake.threads,  # noqa: F821

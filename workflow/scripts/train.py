@@ -13,6 +13,7 @@ from kinpet.inputfunction import InputFunction
 from kinpet.io import read_label_table, read_slices
 from kinpet.training import (
     SliceSet,
+    TrainingBusyError,
     pick_device,
     settings_from_config,
     subject_projection,
@@ -96,9 +97,23 @@ monitor = None
 if "monitor_pet" in sm.input.keys():
     monitor = make_monitor(sm.input, settings, train_raw, val_raw)
 out_dir = sm.output.best.rsplit("/", 1)[0]
-result = train(
-    train_set, val_set, settings, out_dir, resume=True, stream=sys.stderr, monitor=monitor
-)
+# The state folder is no rule output: Snakemake does not delete it before a rerun, so a
+# killed job resumes where it stopped (README, "Faults").
+state_dir = Path("results/training_state") / sm.wildcards.ablation
+try:
+    result = train(
+        train_set,
+        val_set,
+        settings,
+        out_dir,
+        resume=True,
+        stream=sys.stderr,
+        monitor=monitor,
+        state_dir=state_dir,
+    )
+except TrainingBusyError as err:
+    print(f"ERROR: {err}", file=sys.stderr)
+    sys.exit(1)
 if monitor is None:
     Path(sm.output.monitor).write_text("epoch\n")  # nothing monitored: a header only
 print(f"best validation loss {result['val_loss']:.6g} at epoch {result['epoch']}", file=sys.stderr)
