@@ -19,6 +19,7 @@ import yaml
 from bids_synthetic import FRAMES, NAMES, write_subject
 from scipy.ndimage import binary_erosion
 
+from kinpet.fitting import frame_weights
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import read_organ_values, read_slices
@@ -149,15 +150,15 @@ def test_tiny_training_and_prediction(tiny_run):
     ki = maps["K1"] * maps["k3"] / (maps["k2"] + maps["k3"])
     np.testing.assert_allclose(maps["Ki"][body], ki[body], rtol=1e-5)
     # projection (the demo's recipe): K1, Vb and the k2/k3 split are each voxel's bounded
-    # least-squares solution at the map's own beta, here recomputed in kBq/ml.
+    # least-squares solution at the map's own beta under the loss's frame weights (the
+    # demo's blend: the mean of equal and duration x decay weights), recomputed in kBq/ml.
     pre = tiny_run / "results/preprocessed/sub-04"
-    model = KineticModel(
-        InputFunction.from_blood_tsv(pre / "input_blood.tsv"),
-        FrameSchedule.from_bids_json(pre / "pet.json"),
-    )
+    frames = FrameSchedule.from_bids_json(pre / "pet.json")
+    model = KineticModel(InputFunction.from_blood_tsv(pre / "input_blood.tsv"), frames)
+    weights = torch.from_numpy(0.5 * (frame_weights(frames, "duration_decay") + 1.0))
     beta = torch.from_numpy((maps["k2"] + maps["k3"])[body].astype(np.float64))
     curves = torch.from_numpy(np.asarray(pet.dataobj, dtype=np.float64)[body])
-    again = project(beta, curves, model).numpy()
+    again = project(beta, curves, model, weights).numpy()
     for i, name in enumerate(PARAMETER_NAMES):
         np.testing.assert_allclose(maps[name][body], again[:, i], rtol=2e-3, atol=2e-4)
     metrics = pd.read_csv(out / "slice_metrics.tsv", sep="\t")
