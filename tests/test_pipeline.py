@@ -158,9 +158,19 @@ def test_tiny_training_and_prediction(tiny_run):
     weights = torch.from_numpy(0.5 * (frame_weights(frames, "duration_decay") + 1.0))
     beta = torch.from_numpy((maps["k2"] + maps["k3"])[body].astype(np.float64))
     curves = torch.from_numpy(np.asarray(pet.dataobj, dtype=np.float64)[body])
-    again = project(beta, curves, model, weights).numpy()
-    for i, name in enumerate(PARAMETER_NAMES):
-        np.testing.assert_allclose(maps[name][body], again[:, i], rtol=2e-3, atol=2e-4)
+    again = project(beta, curves, model, weights)
+    stored = torch.from_numpy(np.stack([maps[n][body] for n in PARAMETER_NAMES], -1)).double()
+    close = np.ones(len(stored), dtype=bool)
+    for i in range(len(PARAMETER_NAMES)):
+        close &= np.isclose(stored[:, i].numpy(), again[:, i].numpy(), rtol=2e-3, atol=2e-4)
+    # Where two faces of the bounded solve nearly tie, beta's float32 rounding in the
+    # stored maps can pick the other face: the parameters then differ, the fit does not.
+    assert close.mean() > 0.999, close.mean()
+
+    def cost(params):
+        return ((model(params) - curves) ** 2 * weights).mean(-1)
+
+    np.testing.assert_allclose(cost(stored)[~close], cost(again)[~close], rtol=1e-3)
     metrics = pd.read_csv(out / "slice_metrics.tsv", sep="\t")
     assert list(metrics.z) == list(range(pet.shape[2]))
     fitted = metrics[metrics.pixels > 0]
