@@ -445,15 +445,23 @@ def test_fit_tacs_on_real_curves(real_tacs_path, tmp_path, capsys):
     assert ref.K1 == pytest.approx(gm.K1, rel=1e-3) and ref.Ki == pytest.approx(gm.Ki, rel=1e-3)
 
 
-def test_fit_tacs_from_a_pet_bids_pair(real_tacs_path, tmp_path, capsys):
-    table = pd.read_csv(real_tacs_path, sep="\t")
+def write_bids_pair(tmp_path, table, keep=slice(None)):
+    """A PET-BIDS ``_pet.json`` of the table's frames and a blood recording of its aorta
+    column (Bq/ml) at the frames' mid-times, ``keep`` of them; their paths."""
     frames = FrameSchedule(table.frame_start_s, table.frame_duration_s)
     pet_json = tmp_path / "sub-01_pet.json"
     pet_json.write_text(json.dumps(frames.to_bids()))
     blood = tmp_path / "sub-01_recording-idif_blood.tsv"
     pd.DataFrame(
-        {"time": frames.mids_s, "whole_blood_radioactivity": table.aorta_bq_per_ml / 1000.0}
+        {"time": frames.mids_s[keep], "whole_blood_radioactivity": table.aorta_bq_per_ml[keep]}
     ).to_csv(blood, sep="\t", index=False)
+    return frames, pet_json, blood
+
+
+def test_fit_tacs_from_a_pet_bids_pair(real_tacs_path, tmp_path, capsys):
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    table["aorta_bq_per_ml"] /= 1000.0  # the recording in kBq/ml, as its sidecar says
+    _, pet_json, blood = write_bids_pair(tmp_path, table)
     blood.with_suffix(".json").write_text(
         json.dumps({"whole_blood_radioactivity": {"Units": "kBq/mL"}, "time": {"Units": "s"}})
     )
@@ -555,14 +563,8 @@ def test_fit_tacs_times_in_minutes_are_refused(real_tacs_path, tmp_path, capsys)
 
 def test_fit_tacs_refuses_a_blood_recording_that_stops_early(real_tacs_path, tmp_path, capsys):
     table = pd.read_csv(real_tacs_path, sep="\t")
-    frames = FrameSchedule(table.frame_start_s, table.frame_duration_s)
-    pet_json = tmp_path / "sub-01_pet.json"
-    pet_json.write_text(json.dumps(frames.to_bids()))
-    blood = tmp_path / "sub-01_recording-idif_blood.tsv"
-    early = frames.mids_s < 1200
-    pd.DataFrame(
-        {"time": frames.mids_s[early], "whole_blood_radioactivity": table.aorta_bq_per_ml[early]}
-    ).to_csv(blood, sep="\t", index=False)
+    early = (table.frame_start_s + table.frame_duration_s / 2).to_numpy() < 1200
+    _, pet_json, blood = write_bids_pair(tmp_path, table, early)
     code, _, err = run_cli(["fit-tacs", "--pet-json", str(pet_json), "--blood-tsv", str(blood),
                             "--blood-units", "Bq/ml", "--tsv", str(real_tacs_path),
                             "--tissue-cols", "grey_matter_bq_per_ml"], capsys)  # fmt: skip

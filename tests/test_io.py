@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from bids_synthetic import FRAMES, NAMES, write_subject
 
+from kinpet.atomic import remove_stale_temporaries, temporary_path
 from kinpet.figures import save_figure
 from kinpet.inputfunction import InputFunction
 from kinpet.io import (
@@ -25,8 +26,6 @@ from kinpet.io import (
     nifti_header,
     read_pet_bids,
     read_slices,
-    remove_stale_temporaries,
-    temporary_path,
     write_blood_tsv,
     write_json,
     write_nifti,

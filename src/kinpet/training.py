@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kinpet.atomic import remove_stale_temporaries
+
 # The "X as X" imports from kinpet.checkpoints and kinpet.settings are re-exports: the
 # training API stays one import (kinpet.training).
 from kinpet.checkpoints import STATE_FILES as STATE_FILES
@@ -35,7 +37,6 @@ from kinpet.checkpoints import truncate_log as truncate_log
 from kinpet.fitting import frame_weights
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import remove_stale_temporaries
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
 from kinpet.network import KineticUNet, slices_to_parameters
