@@ -10,7 +10,13 @@ from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, KineticModel, irreversible_2tc
 from kinpet.prediction import predict_slices
-from kinpet.projection import project, project_maps, solve_linear
+from kinpet.projection import (
+    newton_log_beta,
+    project,
+    project_maps,
+    projected_cost,
+    solve_linear,
+)
 from kinpet.refinement import refine
 from kinpet.training import (
     SliceSet,
@@ -176,3 +182,99 @@ def test_projected_network_loss_prediction_and_refinement():
     before = evaluate(net, data, settings)[0]
     tuned, _ = refine(net, data, settings, steps=10, stream=open("/dev/null", "w"))
     assert evaluate(tuned, data, settings)[0] < 0.9 * before
+
+
+def scipy_optimal_log_beta(curve, weights=None):
+    """The log beta that minimises the projected cost of one curve, by scipy's bounded
+    scalar search (an independent reference for the Newton steps)."""
+    from scipy.optimize import minimize_scalar
+
+    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    y = torch.as_tensor(curve, dtype=torch.float64)[None]
+
+    def cost(u):
+        return float(projected_cost(torch.tensor([np.exp(u)]), y, MODEL, w)[0])
+
+    lo = np.log((PAPER_LOWER[1] + PAPER_LOWER[2]) * 1.01)
+    hi = np.log(PAPER_UPPER[1] + PAPER_UPPER[2])
+    return minimize_scalar(cost, bounds=(lo, hi), method="bounded", options={"xatol": 1e-7}).x
+
+
+def test_newton_steps_reach_the_projected_cost_minimum_found_by_scipy():
+    """Repeated Newton targets of noisy curves converge to the minimum of each curve's
+    projected cost (scipy's bounded search on the same cost): fast exchange (the
+    spleen's beta ~2.6 /min, a flat cost) as well as slow; the steps are capped."""
+    truth = np.array([[0.9, 2.6, 0.05, 0.1], [0.8, 0.9, 0.02, 0.05], [0.15, 0.7, 0.1, 0.05]])
+    rng = np.random.default_rng(3)
+    clean = irreversible_2tc(truth, INPUT, FRAMES)
+    curves = clean + rng.normal(0, 0.02 * clean.max(), clean.shape)
+    y = torch.from_numpy(curves)
+    weights = torch.from_numpy(np.linspace(0.5, 1.5, FRAMES.n_frames))
+    u = torch.log(torch.tensor([1.0, 2.5, 0.3], dtype=torch.float64))
+    for _ in range(20):
+        new, _ = newton_log_beta(torch.exp(u), y, MODEL, weights, max_step=0.5)
+        assert (new - u).abs().max() <= 0.5 + 1e-12
+        u = new
+    expected = [scipy_optimal_log_beta(c, weights) for c in curves]
+    np.testing.assert_allclose(u.numpy(), expected, atol=2e-3)  # 0.2 % in beta
+
+
+def test_newton_loss_trains_toward_the_fitted_beta_and_needs_projection():
+    """One Newton-loss step of a tiny network lowers the distance between its beta and
+    the Newton targets (equal to it computed by hand). Without projection the setting is
+    refused."""
+    with pytest.raises(ValueError, match="needs projection"):
+        TrainSettings(loss="newton", projection=False)
+    torch.set_num_threads(2)
+    slices = small_subject(5)
+    settings = TrainSettings(
+        activation="sigmoid", scaling="input", projection=True, loss="newton", batch_size=2
+    )
+    data = SliceSet.from_subjects([slices], [INPUT], FRAMES, scaling="input")
+    torch.manual_seed(0)
+    net = build_model(settings)
+    rows = torch.arange(2)
+    weights = loss_weights(FRAMES, settings, "cpu")
+    loss = training_loss(net, data.tacs, rows, data, settings, weights)
+    # By hand: the network's log beta against one Newton step on each masked pixel.
+    with torch.no_grad():
+        x = torch.nn.functional.pad(data.tacs.unsqueeze(1), (0, 0, 0, 0, 1, 1))
+        raw = net(x)
+        beta = (raw[:, 1] + raw[:, 2]).double()
+        mask = torch.from_numpy(np.trapezoid(slices, FRAMES.mids_min, axis=1) > 10.0)
+        curves = data.tacs.permute(0, 2, 3, 1)[mask].double()
+        target, _ = newton_log_beta(beta[mask], curves, data.models[0], weights)
+        by_hand = ((beta[mask].log() - target) ** 2).mean()
+    assert mask.sum() > 50
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-4)
+    loss.backward()
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
+    optimizer.step()
+    assert training_loss(net, data.tacs, rows, data, settings, weights).item() < loss.item()
+
+
+def test_regret_weights_favour_the_pixels_far_from_their_own_optimum():
+    """On noise-free curves, pixels whose beta is the true one have no regret (weight 1/2),
+    those with twice the true beta weigh more; the weights average 1 over the mask and
+    vanish outside it, and the weighted loss of the ``regret`` recipe uses them."""
+    from kinpet.training import regret_weights
+
+    size = 16
+    yy, xx = np.mgrid[:size, :size] / size
+    truth = np.stack([0.3 + 0.6 * xx, 0.4 + yy, 0.01 + 0.06 * xx * yy, 0.05 * yy], -1)
+    clean = irreversible_2tc(truth, INPUT, FRAMES).transpose(2, 0, 1)[None]
+    data = SliceSet.from_subjects([clean.astype(np.float32)], [INPUT], FRAMES)
+    beta = truth[..., 1] + truth[..., 2]
+    far = xx > 0.5
+    raw = torch.zeros(1, 4, size, size)
+    raw[0, 1] = torch.from_numpy(np.where(far, 2 * beta, beta))
+    mask = torch.ones(1, size, size, dtype=torch.bool)
+    mask[0, :2] = False
+    w = regret_weights(raw, data.tacs, torch.arange(1), data, mask, None)
+    assert float(w[mask].mean()) == pytest.approx(1.0, rel=1e-9)
+    assert (w[~mask] == 0).all()
+    near = mask[0] & torch.from_numpy(~far)
+    assert float(w[0][near].max()) < 0.5 + 1e-3  # no regret: half weight
+    assert float(w[0][mask[0] & torch.from_numpy(far)].min()) > 0.6
+    with pytest.raises(ValueError, match="needs projection"):
+        TrainSettings(loss="regret", projection=False)

@@ -198,3 +198,63 @@ def project_maps(params, tacs, model: KineticModel, weights=None):
     curves = tacs.permute(0, 2, 3, 1).reshape(-1, tacs.shape[1])
     out = project(beta, curves, model, weights)
     return out.to(params.dtype).reshape(b, h, w, 4).permute(0, 3, 1, 2)
+
+
+def projected_cost(beta, tacs, model: KineticModel, weights=None):
+    """The frame-weighted squared error [N] of each curve ``tacs`` [N, T] against its
+    projection (:func:`project`) at ``beta`` [N]: the cost that is left for beta alone."""
+    params = project(beta, tacs, model, weights)
+    w = 1.0 if weights is None else weights.to(params)
+    return ((model(params) - tacs.to(params)) ** 2 * w).sum(-1)
+
+
+def newton_log_beta(beta, tacs, model: KineticModel, weights=None, h=0.05, max_step=0.5):
+    """One damped Newton step of each curve's projected cost in log beta.
+
+    The step is taken from central differences of :func:`projected_cost` at
+    log beta -/+ ``h``: -g / H where the curvature H is positive, else ``max_step`` down
+    the slope, and clipped to +/- ``max_step``. Used as a regression target (no labels:
+    only the curves), it makes every pixel pull its beta toward its own least-squares
+    optimum at the same rate, however flat its cost is there. The decrease of the cost
+    that the step promises (its quadratic model; the better difference point where H is
+    not positive) measures how far a pixel is from that optimum: its regret.
+
+    Parameters
+    ----------
+    beta : torch.Tensor, shape [N]
+        Current k2 + k3 (1/min).
+    tacs : torch.Tensor, shape [N, T]
+        Measured curves (the units of ``model``'s input function).
+    model : KineticModel
+    weights : torch.Tensor, shape [T], optional
+        Frame weights of the cost.
+    h : float
+        Difference step in log beta.
+    max_step : float
+        Largest step in log beta.
+
+    Returns
+    -------
+    target : torch.Tensor, shape [N], float64
+        The log beta after the step, within the bounds of beta (:func:`project`).
+    decrease : torch.Tensor, shape [N], float64
+        The cost's predicted decrease (>= 0; the units of the cost).
+    """
+    floor = (PAPER_LOWER[1] + PAPER_LOWER[2]) * (1 + 1e-6)
+    ceiling = PAPER_UPPER[1] + PAPER_UPPER[2]
+    u = torch.log(beta.double().clamp(min=floor, max=ceiling))
+    lo = torch.log(torch.tensor(floor * (1 + 1e-6), dtype=u.dtype, device=u.device))
+    hi = torch.log(torch.tensor(ceiling, dtype=u.dtype, device=u.device))
+    # Differences stay inside the bounds, so that no side is clipped flat.
+    centre = u.clamp(min=lo + h, max=hi - h)
+    costs = [projected_cost(torch.exp(centre + d), tacs, model, weights) for d in (-h, 0.0, h)]
+    slope = (costs[2] - costs[0]) / (2 * h)
+    curvature = (costs[2] - 2 * costs[1] + costs[0]) / h**2
+    newton = -slope / curvature.clamp(min=1e-300)
+    convex = curvature > 0
+    step = torch.where(convex, newton, -torch.sign(slope) * max_step)
+    step = step.clamp(min=-max_step, max=max_step)
+    quadratic = -(slope * step + 0.5 * curvature * step**2)
+    best_side = costs[1] - torch.minimum(costs[0], costs[2])
+    decrease = torch.where(convex, quadratic, best_side).clamp(min=0)
+    return (centre + step).clamp(min=lo, max=hi), decrease

@@ -15,6 +15,7 @@ SCALINGS = ("none", "input")
 LOSS_WEIGHTS = ("none", "duration", "duration_decay", "blend")
 SCHEDULES = ("step", "cosine", "multistep")
 SAMPLINGS = ("average", "mid", "paper")
+LOSSES = ("curves", "newton", "regret")
 
 # Training recipes: the values a recipe gives the settings that are left unset (None) in
 # TrainSettings. The one place where a recipe expands (TrainSettings.__post_init__).
@@ -40,6 +41,7 @@ RECIPES = {
         "decimate_time": False,
         "flips": False,
         "projection": False,
+        "loss": "curves",
     },
     "paper": {
         "learning_rate": 1e-4,
@@ -59,6 +61,7 @@ RECIPES = {
         "decimate_time": True,
         "flips": False,
         "projection": False,
+        "loss": "curves",
     },
 }
 
@@ -148,6 +151,14 @@ class TrainSettings:
         False): straight-through clamp gradients in training, the head's initial bias,
         one temporal convolution shared by a block's two units, and ``space`` pooling that
         halves time by striding.
+    loss : {"curves", "newton"}
+        "curves" (the paper): the masked, frame-weighted squared error between measured
+        and model curves. "newton" (needs ``projection``): each masked pixel's target is
+        one damped Newton step of its own projected curve cost in log beta from the
+        network's beta (:func:`kinpet.projection.newton_log_beta`), and the loss is the
+        mean squared distance of log beta to it. Still label-free, but every pixel pulls
+        at the same rate however flat its cost: the curve loss barely sees beta where
+        exchange is fast (the spleen), this one does.
     """
 
     convolution: str = "space_time"
@@ -179,6 +190,7 @@ class TrainSettings:
     head_init: str | None = None
     shared_temporal: bool | None = None
     decimate_time: bool | None = None
+    loss: str | None = None
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -195,9 +207,12 @@ class TrainSettings:
             ("sampling", SAMPLINGS),
             ("mask_auc", MASK_AUC_TIMES),
             ("head_init", HEAD_INITS),
+            ("loss", LOSSES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.loss in ("newton", "regret") and not self.projection:
+            raise ValueError(f"loss {self.loss!r} needs projection: true (it steps beta = k2 + k3)")
 
 
 def settings_from_config(given: dict, underneath: dict | None = None, **overrides):

@@ -124,6 +124,7 @@ _SETTING_KEYS = (
     "head_init",
     "shared_temporal",
     "decimate_time",
+    "loss",
 )
 # The settings of kinpet.training.TrainSettings, in two layers (settings_from_config): a
 # recipe named in a --configfile / --config overrides the keys of config/config.yaml
