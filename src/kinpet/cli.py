@@ -299,7 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blood-tsv", help="PET-BIDS _blood.tsv: the input (with --pet-json)")
     p.add_argument("--blood-column", default="whole_blood", help="whole_blood (default) or plasma")
     p.add_argument("--blood-units", help="units of the blood column if its sidecar lacks them")
-    p.add_argument("--method", choices=("fast", "curve_fit"), default="fast")
+    p.add_argument(
+        "--method",
+        choices=("fast", "curve_fit", "curve_fit_paper"),
+        default="fast",
+        help="fast (default), curve_fit (scipy per curve on the frames), curve_fit_paper (the "
+        "published organ fit on the 0.1-min grid; --sampling does not apply, --weights none)",
+    )
     p.add_argument(
         "--weights",
         choices=("none", "duration", "duration_decay"),

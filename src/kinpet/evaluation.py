@@ -167,6 +167,38 @@ def summarise_over_subjects(long: pd.DataFrame) -> pd.DataFrame:
 # -- TAC agreement (Table 1, Fig. 3a) ---------------------------------------------------
 
 
+# slice_metrics.tsv columns of each test domain (kinpet.metrics.domain_mask).
+DOMAIN_COLUMNS = {
+    "kinpet": {"pixels": "pixels", "cs": "cs", "mae": "mae"},
+    "paper": {"paper_pixels": "pixels", "paper_cs": "cs", "paper_mae": "mae"},
+}
+
+
+def domain_slice_metrics(metrics: pd.DataFrame, domain: str, source=None) -> pd.DataFrame:
+    """The per-slice metrics of one test domain as columns ``z, pixels, cs, mae``.
+
+    Parameters
+    ----------
+    metrics : DataFrame
+        ``slice_metrics.tsv`` of the predict rule: ``z, pixels, cs, mae`` (kinpet's
+        domain) and ``paper_pixels, paper_cs, paper_mae`` (the published test's).
+    domain : {"kinpet", "paper"}
+    source : str, optional
+        The file, for the error message.
+    """
+    if domain not in DOMAIN_COLUMNS:
+        raise EvaluationError(f"test domain must be one of {tuple(DOMAIN_COLUMNS)}, not {domain!r}")
+    wanted = DOMAIN_COLUMNS[domain]
+    missing = [c for c in ("z", *wanted) if c not in metrics.columns]
+    if missing:
+        where = f"{source}: " if source else ""
+        raise EvaluationError(
+            f"{where}no column(s) {', '.join(missing)} for test domain {domain!r} "
+            "(written by an older predict rule? rerun it)"
+        )
+    return metrics[["z", *wanted]].rename(columns=wanted)
+
+
 def slice_metric_summary(metrics: pd.DataFrame, z=None) -> dict:
     """Mean and sd of the per-slice CS and MAE over the test slices.
 

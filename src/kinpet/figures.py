@@ -28,6 +28,7 @@ from kinpet.io import atomic_path  # noqa: E402
 METHOD_LABELS = {
     "network": "network",
     "curve_fit": "curve fit",
+    "curve_fit_paper": "curve fit (published)",
     "fast": "fast fit",
     "reference": "reference",
     "truth": "truth",
@@ -36,6 +37,7 @@ METHOD_LABELS = {
 METHOD_COLOURS = {
     "network": "#1f77b4",
     "curve_fit": "#ff7f0e",
+    "curve_fit_paper": "#ff7f0e",
     "fast": "#9467bd",
     "reference": "#2ca02c",
     "truth": "#2ca02c",

@@ -50,7 +50,7 @@ from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES, KineticModel
 
-METHODS = ("fast", "curve_fit")
+METHODS = ("fast", "curve_fit", "curve_fit_paper")
 WEIGHT_SCHEMES = ("none", "duration", "duration_decay")
 F18_HALF_LIFE_MIN = 109.771
 F18_LAMBDA_PER_MIN = math.log(2.0) / F18_HALF_LIFE_MIN
@@ -283,7 +283,9 @@ def fit(
         function. float32 is fine: chunks are converted to float64 one at a time.
     input_function : InputFunction
     frames : FrameSchedule
-    method : {"fast", "curve_fit"}
+    method : {"fast", "curve_fit", "curve_fit_paper"}
+        "curve_fit_paper": the published organ curve fit on the 0.1-min grid
+        (:mod:`kinpet.paperfit`; ``sampling`` does not apply, ``weights`` must be "none").
     weights : {"none", "duration", "duration_decay"} or array_like [n_frames]
         See :func:`frame_weights`.
     bounds : (lower, upper), optional
@@ -318,6 +320,10 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if method == "curve_fit_paper":  # the published organ fit: kinpet.paperfit
+        from kinpet.paperfit import fit_curve_fit_paper
+
+        return fit_curve_fit_paper(tacs, input_function, frames, weights, bounds, n_jobs=n_jobs)
     y = np.asarray(tacs)
     single = y.ndim == 1
     if single:

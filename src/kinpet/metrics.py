@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 MASK_AUC_TIMES = ("mid", "start")
+# Where Table 1 scores the test slices (domain_mask): kinpet's whole body plane, or the
+# published test's crop.
+TEST_DOMAINS = ("kinpet", "paper")
 
 
 def activity_mask(tacs, frames, threshold: float = 10.0, auc_times: str = "mid"):
@@ -42,6 +45,52 @@ def activity_mask(tacs, frames, threshold: float = 10.0, auc_times: str = "mid")
         t = torch.as_tensor(t, dtype=tacs.dtype, device=tacs.device)
         return torch.trapezoid(tacs, t, dim=-3) > threshold
     return np.trapezoid(np.asarray(tacs), t, axis=-3) > threshold
+
+
+def domain_mask(
+    tacs,
+    frames,
+    labels,
+    domain: str = "kinpet",
+    threshold: float = 10.0,
+    auc_times: str = "mid",
+    window=None,
+):
+    """The pixels of axial slices that the test metrics (Table 1) score.
+
+    Parameters
+    ----------
+    tacs : ndarray, shape [..., T, X, Y]
+        Measured frame values (kBq/ml) of whole transaxial planes.
+    frames : FrameSchedule
+    labels : ndarray of int, shape [..., X, Y]
+        Label map of the same planes (0 outside the body).
+    domain : {"kinpet", "paper"}
+        "kinpet": the whole plane, pixels with enough activity (:func:`activity_mask`)
+        inside the body (labels > 0), so that noise outside the body is never scored.
+        "paper": the published test: pixels with enough activity inside ``window`` (the
+        112 x 112 crop of the slice dataset), whatever their label.
+    threshold, auc_times
+        Of :func:`activity_mask`: minimum TAC area (kBq/ml x min) and its time points.
+    window : ((x0, x1), (y0, y1)), optional
+        Half-open index ranges along X and Y of the crop; needed with "paper". Parts
+        outside the plane are the crop's zero padding, which is never active.
+
+    Returns
+    -------
+    ndarray of bool, shape [..., X, Y]
+    """
+    if domain not in TEST_DOMAINS:
+        raise ValueError(f"domain must be one of {TEST_DOMAINS}, not {domain!r}")
+    mask = activity_mask(np.asarray(tacs), frames, threshold, auc_times)
+    if domain == "kinpet":
+        return mask & (np.asarray(labels) > 0)
+    if window is None:
+        raise ValueError("domain 'paper' scores the crop: give its window ((x0, x1), (y0, y1))")
+    (x0, x1), (y0, y1) = window
+    inside = np.zeros(mask.shape[-2:], dtype=bool)
+    inside[max(x0, 0) : max(x1, 0), max(y0, 0) : max(y1, 0)] = True
+    return mask & inside
 
 
 def tac_metrics(measured, predicted, mask):

@@ -54,6 +54,9 @@ def canonical(value):
 DATA = config["data"]
 PREPROCESS = config["preprocess"]
 SPLIT = {role: DATA["split"].get(role, []) for role in ("train", "validation", "test")}
+# Slices per test subject: preprocess.n_slices_test (null: the whole lungs-to-bladder
+# range, as the published test), else n_slices like every subject.
+N_SLICES_TEST = PREPROCESS.get("n_slices_test", PREPROCESS["n_slices"])
 SUBJECTS = [s for role in ("train", "validation", "test") for s in SPLIT[role]]
 if len(set(SUBJECTS)) != len(SUBJECTS):
     raise ValueError(
@@ -146,6 +149,9 @@ else:
     }
     TRAINING_UNDERNEATH = {}
 MAP_NAMES = ["K1", "k2", "k3", "Vb", "Ki"]
+# The recipe these settings train with, as kinpet.settings.settings_from_config reads it;
+# it also chooses the organ curve fit and Table 1's test domain when those are not given.
+RECIPE = TRAINING_SETTINGS.get("recipe", TRAINING_UNDERNEATH.get("recipe", "kinpet"))
 
 
 wildcard_constraints:
@@ -191,6 +197,19 @@ FIT = {
     **config.get("fit", {}),
 }
 FIT_MAP_NAMES = ["K1", "k2", "k3", "Vb", "Ki", "SSE"]
+# Fig. 2's organ curve fit (KP_CF) beside the fast fitter: fit.organ_method, else the
+# published organ_curve_fit.py under the paper recipe.
+ORGAN_FIT_METHODS = [
+    FIT.get("organ_method")
+    or ("curve_fit_paper" if RECIPE == "paper" else "curve_fit"),
+    "fast",
+]
+if ORGAN_FIT_METHODS[0] == "curve_fit_paper" and FIT["weights"] != "none":
+    raise ValueError(
+        f"config fit.weights ({FIT['weights']}): the organ fit curve_fit_paper (fit.organ_method, "
+        "or training.recipe: paper) weighs its grid points equally; set fit.weights: none or "
+        "fit.organ_method: curve_fit"
+    )
 
 
 def fit_outputs():
@@ -211,6 +230,11 @@ EVALUATION = {
     "erode_voxels": 1,
     **(config.get("evaluation") or {}),
 }
+# Table 1's test domain (kinpet.metrics.TEST_DOMAINS): evaluation.test_domain, else the
+# published one under the paper recipe.
+TEST_DOMAIN = EVALUATION.get("test_domain") or (
+    "paper" if RECIPE == "paper" else "kinpet"
+)
 BEST = TRAINING.get("best")
 if ABLATIONS and BEST not in ABLATIONS:
     raise ValueError(

@@ -32,6 +32,11 @@ rule table1:
         ablations=ABLATIONS,
         metrics=TABLE1_METRICS,
         slices=test_files("results/slices/{subject}.npz"),
+        # The recipe and sampling of each ablation, expanded as the train rule does.
+        settings=TRAINING_SETTINGS,
+        underneath=TRAINING_UNDERNEATH,
+        test_domain=TEST_DOMAIN,
+        crop=PREPROCESS["crop"],
     script:
         "../scripts/table1.py"
 

@@ -22,6 +22,7 @@ rule organ_fit:
         "../../envs/kinpet.yaml"
     threads: 1
     params:
+        methods=ORGAN_FIT_METHODS,
         weights=FIT["weights"],
         sampling=FIT["sampling"],
     script:

@@ -39,6 +39,12 @@ rule slices:
     params:
         crop=PREPROCESS["crop"],
         margins_mm=PREPROCESS["slice_margin_mm"],
-        n_slices=PREPROCESS["n_slices"],
+        # Test subjects may keep another count (preprocess.n_slices_test); a lambda, so
+        # that the other subjects' params, and their slices, stay as they were.
+        n_slices=lambda wildcards: (
+            N_SLICES_TEST
+            if wildcards.subject in SPLIT["test"]
+            else PREPROCESS["n_slices"]
+        ),
     script:
         "../scripts/slices.py"

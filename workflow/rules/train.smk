@@ -50,6 +50,7 @@ rule predict:
         labels="results/preprocessed/{subject}/labels_2p5mm.nii.gz",
         blood="results/preprocessed/{subject}/input_blood.tsv",
         pet_json="results/preprocessed/{subject}/pet.json",
+        slices="results/slices/{subject}.npz",
     output:
         maps=expand(
             "results/prediction/{{ablation}}/{{subject}}/{{subject}}_desc-{parameter}_kinpar.nii.gz",
@@ -70,5 +71,6 @@ rule predict:
     params:
         refine_steps=TRAINING.get("refine_steps", 0),
         refine_learning_rate=TRAINING.get("refine_learning_rate"),
+        crop=PREPROCESS["crop"],
     script:
         "../scripts/predict.py"

@@ -68,7 +68,9 @@ elif sm.input.reference:
 per_subject = pd.concat(rows, ignore_index=True)
 per_subject = per_subject[per_subject["organ"].isin(organs)]
 methods = [
-    m for m in ("network", "curve_fit", "fast", "reference") if m in set(per_subject["method"])
+    m
+    for m in ("network", "curve_fit", "curve_fit_paper", "fast", "reference")
+    if m in set(per_subject["method"])
 ]
 summary = summarise_over_subjects(per_subject)
 rank = {
@@ -86,6 +88,7 @@ reference_label = "truth" if sm.params.truth is not None else sm.params.referenc
 labels = {
     "network": f"network ({sm.params.ablation})",
     "curve_fit": "curve fit (organ TAC)",
+    "curve_fit_paper": "curve fit, published (organ TAC)",
     "fast": "fast fit (organ TAC)",
     "reference": reference_label,
 }

@@ -1,4 +1,5 @@
-"""Fit the mean curve of each labelled organ of one subject with both methods."""
+"""Fit the mean curve of each labelled organ of one subject with the configured curve fit
+(kinpet's curve_fit, or the published organ fit curve_fit_paper) and the fast fitter."""
 
 import sys
 
@@ -23,7 +24,7 @@ data = np.asarray(pet.dataobj, dtype=np.float32)
 organs = [n for n, i in names.items() if n != "background" and np.any(labels == i)]
 curves = np.stack([mean_curve(data, labels == names[n]) for n in organs])
 rows = []
-for method in ("curve_fit", "fast"):
+for method in sm.params.methods:
     res = fit(
         curves, inp, frames, method=method, weights=sm.params.weights, sampling=sm.params.sampling
     )
