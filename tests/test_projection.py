@@ -212,7 +212,7 @@ def test_newton_steps_reach_the_projected_cost_minimum_found_by_scipy():
     weights = torch.from_numpy(np.linspace(0.5, 1.5, FRAMES.n_frames))
     u = torch.log(torch.tensor([1.0, 2.5, 0.3], dtype=torch.float64))
     for _ in range(20):
-        new, _ = newton_log_beta(torch.exp(u), y, MODEL, weights, max_step=0.5)
+        new = newton_log_beta(torch.exp(u), y, MODEL, weights, max_step=0.5)
         assert (new - u).abs().max() <= 0.5 + 1e-12
         u = new
     expected = [scipy_optimal_log_beta(c, weights) for c in curves]
@@ -243,7 +243,7 @@ def test_newton_loss_trains_toward_the_fitted_beta_and_needs_projection():
         beta = (raw[:, 1] + raw[:, 2]).double()
         mask = torch.from_numpy(np.trapezoid(slices, FRAMES.mids_min, axis=1) > 10.0)
         curves = data.tacs.permute(0, 2, 3, 1)[mask].double()
-        target, _ = newton_log_beta(beta[mask], curves, data.models[0], weights)
+        target = newton_log_beta(beta[mask], curves, data.models[0], weights)
         by_hand = ((beta[mask].log() - target) ** 2).mean()
     assert mask.sum() > 50
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-4)
@@ -251,30 +251,3 @@ def test_newton_loss_trains_toward_the_fitted_beta_and_needs_projection():
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
     optimizer.step()
     assert training_loss(net, data.tacs, rows, data, settings, weights).item() < loss.item()
-
-
-def test_regret_weights_favour_the_pixels_far_from_their_own_optimum():
-    """On noise-free curves, pixels whose beta is the true one have no regret (weight 1/2),
-    those with twice the true beta weigh more; the weights average 1 over the mask and
-    vanish outside it, and the weighted loss of the ``regret`` recipe uses them."""
-    from kinpet.training import regret_weights
-
-    size = 16
-    yy, xx = np.mgrid[:size, :size] / size
-    truth = np.stack([0.3 + 0.6 * xx, 0.4 + yy, 0.01 + 0.06 * xx * yy, 0.05 * yy], -1)
-    clean = irreversible_2tc(truth, INPUT, FRAMES).transpose(2, 0, 1)[None]
-    data = SliceSet.from_subjects([clean.astype(np.float32)], [INPUT], FRAMES)
-    beta = truth[..., 1] + truth[..., 2]
-    far = xx > 0.5
-    raw = torch.zeros(1, 4, size, size)
-    raw[0, 1] = torch.from_numpy(np.where(far, 2 * beta, beta))
-    mask = torch.ones(1, size, size, dtype=torch.bool)
-    mask[0, :2] = False
-    w = regret_weights(raw, data.tacs, torch.arange(1), data, mask, None)
-    assert float(w[mask].mean()) == pytest.approx(1.0, rel=1e-9)
-    assert (w[~mask] == 0).all()
-    near = mask[0] & torch.from_numpy(~far)
-    assert float(w[0][near].max()) < 0.5 + 1e-3  # no regret: half weight
-    assert float(w[0][mask[0] & torch.from_numpy(far)].min()) > 0.6
-    with pytest.raises(ValueError, match="needs projection"):
-        TrainSettings(loss="regret", projection=False)

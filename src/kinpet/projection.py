@@ -215,9 +215,9 @@ def newton_log_beta(beta, tacs, model: KineticModel, weights=None, h=0.05, max_s
     log beta -/+ ``h``: -g / H where the curvature H is positive, else ``max_step`` down
     the slope, and clipped to +/- ``max_step``. Used as a regression target (no labels:
     only the curves), it makes every pixel pull its beta toward its own least-squares
-    optimum at the same rate, however flat its cost is there. The decrease of the cost
-    that the step promises (its quadratic model; the better difference point where H is
-    not positive) measures how far a pixel is from that optimum: its regret.
+    optimum at the same rate, however flat its cost is there: a curve with fast exchange
+    (the spleen's), whose cost changes little with beta, then counts as much as one with
+    a sharp minimum.
 
     Parameters
     ----------
@@ -235,10 +235,8 @@ def newton_log_beta(beta, tacs, model: KineticModel, weights=None, h=0.05, max_s
 
     Returns
     -------
-    target : torch.Tensor, shape [N], float64
+    torch.Tensor, shape [N], float64
         The log beta after the step, within the bounds of beta (:func:`project`).
-    decrease : torch.Tensor, shape [N], float64
-        The cost's predicted decrease (>= 0; the units of the cost).
     """
     floor = (PAPER_LOWER[1] + PAPER_LOWER[2]) * (1 + 1e-6)
     ceiling = PAPER_UPPER[1] + PAPER_UPPER[2]
@@ -251,10 +249,5 @@ def newton_log_beta(beta, tacs, model: KineticModel, weights=None, h=0.05, max_s
     slope = (costs[2] - costs[0]) / (2 * h)
     curvature = (costs[2] - 2 * costs[1] + costs[0]) / h**2
     newton = -slope / curvature.clamp(min=1e-300)
-    convex = curvature > 0
-    step = torch.where(convex, newton, -torch.sign(slope) * max_step)
-    step = step.clamp(min=-max_step, max=max_step)
-    quadratic = -(slope * step + 0.5 * curvature * step**2)
-    best_side = costs[1] - torch.minimum(costs[0], costs[2])
-    decrease = torch.where(convex, quadratic, best_side).clamp(min=0)
-    return (centre + step).clamp(min=lo, max=hi), decrease
+    step = torch.where(curvature > 0, newton, -torch.sign(slope) * max_step)
+    return (centre + step.clamp(min=-max_step, max=max_step)).clamp(min=lo, max=hi)

@@ -15,7 +15,7 @@ SCALINGS = ("none", "input")
 LOSS_WEIGHTS = ("none", "duration", "duration_decay", "blend")
 SCHEDULES = ("step", "cosine", "multistep")
 SAMPLINGS = ("average", "mid", "paper")
-LOSSES = ("curves", "newton", "regret")
+LOSSES = ("curves", "newton")
 
 # Training recipes: the values a recipe gives the settings that are left unset (None) in
 # TrainSettings. The one place where a recipe expands (TrainSettings.__post_init__).
@@ -211,7 +211,7 @@ class TrainSettings:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        if self.loss in ("newton", "regret") and not self.projection:
+        if self.loss == "newton" and not self.projection:
             raise ValueError(f"loss {self.loss!r} needs projection: true (it steps beta = k2 + k3)")
 
 

@@ -186,20 +186,15 @@ def subject_projection(input_function: InputFunction, frames: FrameSchedule, set
     return functools.partial(project_maps, model=model, weights=weights)
 
 
-def masked_mse(
-    predicted: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, weights=None, pixels=None
-):
+def masked_mse(predicted: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, weights=None):
     """Mean squared error over the masked pixels' frames ([B, T, H, W], mask [B, H, W]).
 
-    ``weights`` ([T], mean 1, optional) weighs each frame's squared error, ``pixels``
-    ([B, H, W], mean 1 over the mask, optional) each pixel's.
+    ``weights`` ([T], mean 1, optional) weighs each frame's squared error.
     """
     weight = mask[:, None].to(predicted.dtype)
     count = weight.sum() * predicted.shape[1]
     if weights is not None:
         weight = weight * weights.to(predicted).view(1, -1, 1, 1)
-    if pixels is not None:
-        weight = weight * pixels.to(predicted)[:, None]
     return ((predicted - measured) ** 2 * weight).sum() / count.clamp(min=1)
 
 
@@ -358,39 +353,11 @@ def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, we
     if settings.loss == "newton":
         return newton_loss(model, meas, rows, data, settings, weights)
     # The paper pads time with zeros in training, replicated frames in validation.
-    raw = _forward(model, meas, meas.device, settings.amp, "zeros")
-    params = raw
-    if settings.projection:
-        params = project_by_subject(raw, meas, data.subject[rows], data.models, weights)
+    params = network_parameters(model, meas, rows, data, settings, weights, "zeros")
     pred = model_tacs(params, data.subject[rows], data.models)
     scale = data.slice_scales(rows).to(meas.device).view(-1, 1, 1, 1)
     mask = activity_mask(meas * scale, data.frames, settings.mask_threshold, settings.mask_auc)
-    if settings.loss == "regret":
-        return masked_mse(
-            pred, meas, mask, weights, regret_weights(raw, meas, rows, data, mask, weights)
-        )
     return masked_mse(pred, meas, mask, weights)
-
-
-def regret_weights(raw, meas, rows, data: SliceSet, mask, weights):
-    """Pixel weights [B, H, W] of the ``regret`` loss: half equal, half in proportion to
-    each masked pixel's regret, the cost decrease that one Newton step of its own beta
-    promises (:func:`kinpet.projection.newton_log_beta`); mean 1 over the mask.
-
-    A rare tissue that the network fits worse than its own curves allow (the spleen's
-    fast exchange) then weighs as much as its distance from its optimum, while a pixel
-    at its optimum keeps half its weight. The weights carry no gradient.
-    """
-    beta = raw[:, 1] + raw[:, 2]
-    regret = torch.zeros(beta.shape, dtype=torch.float64, device=beta.device)
-    with torch.no_grad():
-        for s, r in subject_rows(data.subject[rows], meas.device):
-            m = mask[r]
-            curves = meas[r].permute(0, 2, 3, 1)[m]  # [N, T]
-            _, decrease = newton_log_beta(beta[r][m], curves, data.models[s], weights)
-            regret[r] = regret[r].masked_scatter(m, decrease)
-    mean = regret[mask].mean() if mask.any() else regret.new_ones(())
-    return (0.5 + 0.5 * regret / mean.clamp(min=1e-300)) * mask
 
 
 def newton_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights):
@@ -407,7 +374,7 @@ def newton_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weig
         for s, r in subject_rows(data.subject[rows], meas.device):
             m = mask[r]
             curves = meas[r].permute(0, 2, 3, 1)[m]  # [N, T]
-            step, _ = newton_log_beta(beta[r][m], curves, data.models[s], weights)
+            step = newton_log_beta(beta[r][m], curves, data.models[s], weights)
             target[r] = target[r].masked_scatter(m, step)
     floor = float(PAPER_LOWER[1] + PAPER_LOWER[2])
     error = (torch.log(beta.clamp(min=floor)) - target.to(beta.dtype)) ** 2
