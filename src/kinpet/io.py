@@ -92,10 +92,12 @@ def read_organ_values(path) -> pd.DataFrame:
         table = pd.read_csv(path, sep="\t")
     except FileNotFoundError:
         raise KinpetInputError(f"{path}: file not found") from None
+    except Exception as err:  # noqa: BLE001 - pandas raises many parser errors
+        raise KinpetInputError(f"{path}: cannot read as TSV ({err})") from None
     missing = [c for c in ("organ", *PARAMETER_NAMES) if c not in table.columns]
     if missing:
         raise KinpetInputError(f"{path}: missing column(s) {', '.join(missing)}")
-    values = table[list(PARAMETER_NAMES)]
+    values = table[list(PARAMETER_NAMES)].apply(pd.to_numeric, errors="coerce")
     if not np.isfinite(values.to_numpy(dtype=float)).all():
         raise KinpetInputError(f"{path}: organ values must be finite numbers")
     if (values.to_numpy(dtype=float) < 0).any():

@@ -7,17 +7,20 @@ import pandas as pd
 
 from kinpet.convergence import learning_curves
 from kinpet.figures import convergence_figure, save_figure
-from kinpet.io import atomic_path
+from kinpet.io import KinpetInputError, atomic_path
+from kinpet.readers import read_table, script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 tables = []
 for ablation, log_path in sm.params.logs.items():
     monitor_path = sm.params.monitors[ablation]
-    monitor = pd.read_csv(monitor_path)
+    monitor = read_table(monitor_path, ["epoch"], sep=",")
     if monitor.empty:
-        raise ValueError(f"{monitor_path}: no monitored epochs (is training.monitor on?)")
-    tables.append(learning_curves(pd.read_csv(log_path), monitor).assign(ablation=ablation))
+        raise KinpetInputError(f"{monitor_path}: no monitored epochs (is training.monitor on?)")
+    tables.append(
+        learning_curves(read_table(log_path, ["epoch"], sep=","), monitor).assign(ablation=ablation)
+    )
 curves = pd.concat(tables, ignore_index=True)
 with atomic_path(sm.output.csv) as tmp:
     curves.to_csv(tmp, index=False)

@@ -3,7 +3,6 @@ values, over the test subjects (and the table of the plotted numbers)."""
 
 import sys
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -17,9 +16,10 @@ from kinpet.evaluation import (
     with_ki,
 )
 from kinpet.figures import organ_parameter_figure, save_figure
-from kinpet.io import KinpetInputError, atomic_path, read_label_table, read_organ_values
+from kinpet.io import atomic_path, read_label_table, read_organ_values
+from kinpet.readers import read_table, read_volume, script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 organs = list(sm.params.organs)
 
@@ -28,8 +28,8 @@ def subject_organ_means(subject, paths):
     """Organ means of one subject's parameter maps, from their paths keyed by name."""
     tsv = sm.params.labels_tsv[subject]
     index = organ_indices(read_label_table(tsv), organs, source=tsv)
-    labels = np.asarray(nib.load(sm.params.labels[subject]).dataobj)
-    volumes = {n: np.asarray(nib.load(paths[n]).dataobj, dtype=np.float32) for n in PARAMETERS}
+    labels = read_volume(sm.params.labels[subject], ndim=3)
+    volumes = {n: read_volume(paths[n], np.float32, ndim=3) for n in PARAMETERS}
     return organ_means(volumes, labels, index)
 
 
@@ -40,10 +40,7 @@ for subject, labels_path in sm.params.labels.items():
     for _, row in means[means["voxels"] == 0].iterrows():
         print(f"{subject}: no voxels of {row.organ} in {labels_path}", file=sys.stderr)
     rows.append(means.assign(subject=subject, method="network"))
-    fits = pd.read_csv(fits_path, sep="\t")
-    missing = {"organ", "method", *PARAMETERS} - set(fits.columns)
-    if missing:
-        raise KinpetInputError(f"{fits_path}: missing column(s) {', '.join(sorted(missing))}")
+    fits = read_table(fits_path, ["organ", "method", *PARAMETERS])
     fits = fits[fits["organ"].isin(organs)]
     long = fits.melt(id_vars=["organ", "method"], value_vars=list(PARAMETERS), var_name="parameter")
     rows.append(long.assign(subject=subject))

@@ -3,29 +3,27 @@ the organs' extents shaded, beside a coronal plane of each parameter map."""
 
 import sys
 
-import nibabel as nib
 import numpy as np
-import pandas as pd
 
 from kinpet.evaluation import coronal_plane, organ_indices, z_extents
 from kinpet.figures import cs_profile_figure, save_figure
 from kinpet.io import read_label_table
+from kinpet.readers import read_nifti_header, read_table, read_volume, script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 index = organ_indices(
     read_label_table(sm.input.labels_tsv), sm.params.organs, source=sm.input.labels_tsv
 )
-image = nib.load(sm.input.labels)
-labels = np.asarray(image.dataobj)
-voxel_mm = float(image.header.get_zooms()[2])
-metrics = pd.read_csv(sm.input.metrics, sep="\t")
+labels = read_volume(sm.input.labels, ndim=3)
+voxel_mm = read_nifti_header(sm.input.labels).zooms[2]
+metrics = read_table(sm.input.metrics, ["z", "pixels", "cs"])
 y = coronal_plane(labels, index)
 coronal = {}
 for path in sm.input.maps:
     name = path.rsplit("_desc-", 1)[1].split("_", 1)[0]
     if name != "Ki":  # the paper's four parameters
-        coronal[name] = np.asarray(nib.load(path).dataobj[:, y, :], dtype=np.float32)
+        coronal[name] = read_volume(path, np.float32, slab=np.s_[:, y, :], ndim=3)
 extents = z_extents(labels, index)
 print(f"coronal plane y = {y}; organ extents (slices):\n{extents}", file=sys.stderr)
 fig = cs_profile_figure(

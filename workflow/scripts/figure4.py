@@ -3,22 +3,21 @@ covered, on one colour scale, with organ contours."""
 
 import sys
 
-import nibabel as nib
 import numpy as np
 
 from kinpet.evaluation import axial_slice, organ_indices
 from kinpet.figures import axial_comparison_figure, save_figure
 from kinpet.io import read_label_table
+from kinpet.readers import read_nifti_header, read_volume, script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 names = read_label_table(sm.input.labels_tsv)
 index = organ_indices(names, sm.params.organs, source=sm.input.labels_tsv)
-image = nib.load(sm.input.labels)
-labels = np.asarray(image.dataobj)
-voxel_mm = float(image.header.get_zooms()[0])
-network = np.asarray(nib.load(sm.input.network).dataobj, dtype=np.float32)
-fit = np.asarray(nib.load(sm.input.fit).dataobj, dtype=np.float32)
+labels = read_volume(sm.input.labels, ndim=3)
+voxel_mm = read_nifti_header(sm.input.labels).zooms[0]
+network = read_volume(sm.input.network, np.float32, ndim=3)
+fit = read_volume(sm.input.fit, np.float32, ndim=3)
 # Slices the fit covered: those with a fitted value inside the body.
 covered = (np.isfinite(fit) & (labels > 0)).any(axis=(0, 1))
 z = axial_slice(covered, labels, index)

@@ -4,8 +4,9 @@ import sys
 
 from kinpet.inputfunction import InputFunction
 from kinpet.io import frames_from_spec, write_blood_tsv
+from kinpet.readers import script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 spec = snakemake.params.input_function  # noqa: F821
 frames = frames_from_spec(snakemake.params.frames)  # noqa: F821
 inp = InputFunction.feng(

@@ -7,8 +7,9 @@ import pandas as pd
 from kinpet.inputfunction import InputFunction
 from kinpet.io import frames_from_spec, read_organ_values
 from kinpet.kinetics import PARAMETER_NAMES, SAMPLING_MODES, irreversible_2tc
+from kinpet.readers import script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 frames = frames_from_spec(snakemake.params.frames)  # noqa: F821
 inp = InputFunction.from_blood_tsv(snakemake.input.blood)  # noqa: F821
 organs = read_organ_values(snakemake.input.organs)  # noqa: F821

@@ -3,7 +3,6 @@
 
 import sys
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -12,15 +11,15 @@ from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import atomic_path, read_label_table
 from kinpet.preprocessing import mean_curve
+from kinpet.readers import read_volume, script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
-pet = nib.load(sm.input.pet)
-labels = np.asarray(nib.load(sm.input.labels).dataobj)
+labels = read_volume(sm.input.labels, ndim=3)
 names = read_label_table(sm.input.labels_tsv)
 frames = FrameSchedule.from_bids_json(sm.input.pet_json)
 inp = InputFunction.from_blood_tsv(sm.input.blood)
-data = np.asarray(pet.dataobj, dtype=np.float32)
+data = read_volume(sm.input.pet, np.float32, ndim=4)
 organs = [n for n, i in names.items() if n != "background" and np.any(labels == i)]
 curves = np.stack([mean_curve(data, labels == names[n]) for n in organs])
 rows = []

@@ -1,11 +1,10 @@
 """dataset_description.json of the phantom dataset and of its two derivatives."""
 
-import sys
-
 from kinpet import phantom
 from kinpet.io import write_json
+from kinpet.readers import script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 write_json(snakemake.output.raw, phantom.dataset_description())  # noqa: F821
 for key, what in (("labels", "organ label maps"), ("truth", "true kinetic parameter maps")):
     write_json(

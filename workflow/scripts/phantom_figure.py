@@ -1,26 +1,29 @@
 """Figure: one coronal slice of a phantom subject (last frame) with organ contours."""
 
-import json
 import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kinpet.figures import save_figure  # noqa: E402
+from kinpet.io import KinpetInputError  # noqa: E402
 from kinpet.phantom import LABELS, PAPER_ORGANS, coronal_slice_index  # noqa: E402
+from kinpet.readers import read_json, read_nifti_header, read_volume, script_log  # noqa: E402
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
-pet = nib.load(snakemake.input.pet)  # noqa: F821
-labels = np.asarray(nib.load(snakemake.input.dseg).dataobj)  # noqa: F821  (x, y, z)
-meta = json.loads(open(snakemake.input.pet_json).read())  # noqa: F821
-voxel = float(pet.header.get_zooms()[0])
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
+inp = snakemake.input  # noqa: F821
+labels = read_volume(inp.dseg, ndim=3)  # (x, y, z)
+meta = read_json(inp.pet_json)
+missing = [k for k in ("FrameTimesStart", "FrameDuration", "PhantomSize") if k not in meta]
+if missing:
+    raise KinpetInputError(f"{inp.pet_json}: missing field(s) {', '.join(missing)}")
+voxel = read_nifti_header(inp.pet).zooms[0]
 y = coronal_slice_index(labels)
 # One pass through the gzip stream: only this coronal plane of every frame is kept.
-plane = np.asarray(pet.dataobj[:, y, :, :], dtype=np.float32)  # (x, z, t)
+plane = read_volume(inp.pet, np.float32, slab=np.s_[:, y, :, :], ndim=4)  # (x, z, t)
 lab = labels[:, y, :]
 mids_min = (np.array(meta["FrameTimesStart"]) + np.array(meta["FrameDuration"]) / 2) / 60
 print(f"coronal slice y = {y}, image {plane.shape}", file=sys.stderr)

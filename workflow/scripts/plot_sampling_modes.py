@@ -1,17 +1,18 @@
 """Figure: exact frame-averaged model vs mid-time and the paper's discrete model."""
 
-import sys
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from kinpet.figures import save_figure  # noqa: E402
+from kinpet.readers import read_table, script_log  # noqa: E402
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
-curves = pd.read_csv(snakemake.input[0], sep="\t")  # noqa: F821
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
+curves = read_table(
+    snakemake.input[0],  # noqa: F821
+    ["organ", "sampling", "frame_start_s", "frame_duration_s", "activity_kbq_per_ml"],
+)
 organs = list(dict.fromkeys(curves["organ"]))
 styles = {"average": "-", "mid": "--", "paper": ":"}
 fig, axes = plt.subplots(2, len(organs), figsize=(2.6 * len(organs), 5.2), sharex=True)

@@ -14,18 +14,19 @@ from kinpet.io import atomic_path
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import domain_mask, tac_metrics
 from kinpet.prediction import predict_volume, volume_slices
+from kinpet.readers import read_nifti_header, read_npz, read_volume, script_log
 from kinpet.refinement import refine
 from kinpet.training import SliceSet, load_model, subject_projection, subject_scale
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 torch.set_num_threads(sm.threads)
 model, settings = load_model(sm.input.checkpoint)
 device = next(model.parameters()).device
 print(f"device: {device}", file=sys.stderr)
-pet_img = nib.load(sm.input.pet)
-pet = np.asarray(pet_img.dataobj, dtype=np.float32)
-labels = np.asarray(nib.load(sm.input.labels).dataobj)
+pet_affine = read_nifti_header(sm.input.pet).affine
+pet = read_volume(sm.input.pet, np.float32, ndim=4)
+labels = read_volume(sm.input.labels, ndim=3)
 frames = FrameSchedule.from_bids_json(sm.input.pet_json)
 input_function = InputFunction.from_blood_tsv(sm.input.blood)
 body = labels > 0
@@ -61,8 +62,8 @@ maps[~body] = np.nan  # outside the body there is nothing to model
 # pixels) for every slice, and the published test's (paper_pixels, paper_cs, paper_mae:
 # the crop, any label) for the slices of the slice dataset. Table 1 reads the configured
 # one, so changing evaluation.test_domain reruns no prediction.
-with np.load(sm.input.slices) as data:
-    dataset_z, (x0, y0) = set(data["z"].tolist()), data["crop"].tolist()
+data = read_npz(sm.input.slices, keys=("z", "crop"))
+dataset_z, (x0, y0) = set(data["z"].tolist()), data["crop"].tolist()
 window = ((x0, x0 + int(sm.params.crop[0])), (y0, y0 + int(sm.params.crop[1])))
 kinetic = KineticModel(input_function, frames, settings.sampling)
 mask_settings = {"threshold": settings.mask_threshold, "auc_times": settings.mask_auc}
@@ -95,7 +96,7 @@ with atomic_path(sm.output.metrics) as tmp:
     table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
 for index, path in enumerate(sm.output.maps):
-    img = nib.Nifti1Image(maps[..., index], pet_img.affine)
+    img = nib.Nifti1Image(maps[..., index], pet_affine)
     img.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(img, tmp)

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 
 from kinpet.io import (
-    KinpetInputError,
     atomic_path,
     read_pet_bids,
     write_blood_tsv,
@@ -17,28 +16,24 @@ from kinpet.io import (
     write_nifti,
 )
 from kinpet.preprocessing import (
-    PreprocessingError,
     canonical_grid,
     resample_to_spacing,
     voxel_volume_ml,
 )
+from kinpet.readers import script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 params, out = snakemake.params, snakemake.output  # noqa: F821
 subject = snakemake.wildcards.subject  # noqa: F821
 
-try:
-    study = read_pet_bids(
-        params.bids_root,
-        subject,
-        input_function=params.input_function,
-        blood_recording=params.blood_recording,
-        blood_column=params.blood_column,
-    )
-except KinpetInputError as err:
-    # The message names the file and the problem; a traceback would only hide it.
-    print(f"ERROR: {err}", file=sys.stderr)
-    sys.exit(1)
+# A KinpetInputError names the file and the problem: script_log writes it in one line.
+study = read_pet_bids(
+    params.bids_root,
+    subject,
+    input_function=params.input_function,
+    blood_recording=params.blood_recording,
+    blood_column=params.blood_column,
+)
 print(f"{study.pet_path}: {study.shape}, {study.units} -> kBq/mL", file=sys.stderr)
 
 voxel = float(params.voxel_mm)
@@ -47,11 +42,8 @@ pet = np.empty((*shape, len(study.frames)), dtype=np.float32)
 change = []
 # Frame by frame: a whole-body 4-D image at 1.6 mm need not fit in memory.
 for t, frame in enumerate(study.iter_frames()):
-    try:
-        pet[..., t] = resample_to_spacing(frame, study.affine, voxel, source=str(study.pet_path))[0]
-    except PreprocessingError as err:  # e.g. an affine with shear
-        print(f"ERROR: {err}", file=sys.stderr)
-        sys.exit(1)
+    # A PreprocessingError (e.g. an affine with shear) ends the script in one line too.
+    pet[..., t] = resample_to_spacing(frame, study.affine, voxel, source=str(study.pet_path))[0]
     before = frame.sum(dtype=np.float64) * voxel_volume_ml(study.affine)
     after = pet[..., t].sum(dtype=np.float64) * voxel_volume_ml(affine)
     change.append((after - before) / before if before > 0 else 0.0)

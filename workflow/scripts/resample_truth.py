@@ -3,20 +3,19 @@ as the PET), so that they compare voxel by voxel with the estimated maps."""
 
 import sys
 
-import nibabel as nib
 import numpy as np
 
 from kinpet.io import KinpetInputError, write_nifti
 from kinpet.preprocessing import resample_to_spacing
+from kinpet.readers import read_nifti_header, read_volume, script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
-pet = nib.load(sm.input.pet)
+pet = read_nifti_header(sm.input.pet)
 for source, target in zip(sm.input.truth, sm.output, strict=True):
-    image = nib.load(source)
     volume, affine = resample_to_spacing(
-        np.asarray(image.dataobj, dtype=np.float32),
-        image.affine,
+        read_volume(source, np.float32, ndim=3),
+        read_nifti_header(source).affine,
         sm.params.voxel_mm,
         "linear",
         source=source,

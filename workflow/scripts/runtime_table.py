@@ -3,27 +3,27 @@ inference and of each voxel-wise fitter, from the recorded benchmarks, with spee
 
 import sys
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from kinpet.evaluation import body_voxel_counts, markdown_table, runtime_table
 from kinpet.io import KinpetInputError, atomic_path
+from kinpet.readers import read_npz, read_table, read_volume, script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 methods = list(sm.params.chunks)  # keyed by method, subject, chunk
 
 
 def wall_seconds(path) -> float:
-    table = pd.read_csv(path, sep="\t")
+    table = read_table(path)
     if "s" not in table.columns or table.empty:
-        raise KinpetInputError(f"{path}: not a Snakemake benchmark (no column 's')")
+        raise KinpetInputError(f"{path}: not a Snakemake benchmark (no column 's' or no row)")
     return float(table["s"].iloc[0])
 
 
 counts = {
-    subject: body_voxel_counts(np.asarray(nib.load(path).dataobj))
+    subject: body_voxel_counts(read_volume(path, ndim=3))
     for subject, path in sm.params.labels.items()
 }
 network = pd.DataFrame(
@@ -38,8 +38,7 @@ for method in methods:
         seconds, fitted = 0.0, 0
         for chunk, path in chunks.items():
             seconds += wall_seconds(sm.params.fit_benchmarks[method][subject][chunk])
-            with np.load(path) as data:
-                fitted += int(data["voxels"])
+            fitted += int(read_npz(path, keys=("voxels",))["voxels"])
         rows.append(
             {
                 "method": method,

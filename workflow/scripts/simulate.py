@@ -5,8 +5,9 @@ from pathlib import Path
 
 from kinpet import phantom
 from kinpet.io import frames_from_spec, read_organ_values
+from kinpet.readers import script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 cfg = snakemake.params  # noqa: F821
 subject_id = snakemake.wildcards.subject  # noqa: F821
 subject = phantom.make_subject(
@@ -23,11 +24,8 @@ subject = phantom.make_subject(
 # The dataset root is three levels above the PET file: <root>/sub-XX/pet/sub-XX_pet.nii.gz.
 root = Path(snakemake.output.pet).parents[2]  # noqa: F821
 frames = frames_from_spec(cfg.frames)
-try:
-    phantom.check_simulation_resources(subject, len(frames), root, "config phantom.voxel_mm")
-except phantom.PhantomResourceError as err:
-    print(f"ERROR: {err}", file=sys.stderr)
-    sys.exit(1)
+# Too little memory or disk (PhantomResourceError): one line in the log (script_log).
+phantom.check_simulation_resources(subject, len(frames), root, "config phantom.voxel_mm")
 summary = phantom.simulate_subject(
     subject,
     root,

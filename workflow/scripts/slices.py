@@ -2,38 +2,29 @@
 
 import sys
 
-import nibabel as nib
 import numpy as np
 
 from kinpet.frames import FrameSchedule
 from kinpet.io import read_label_table, write_slices
-from kinpet.preprocessing import (
-    PreprocessingError,
-    centre_crop_offsets,
-    extract_slices,
-    slice_range,
-)
+from kinpet.preprocessing import centre_crop_offsets, extract_slices, slice_range
+from kinpet.readers import read_nifti_header, read_volume, script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 params, inp = snakemake.params, snakemake.input  # noqa: F821
 subject = snakemake.wildcards.subject  # noqa: F821
 
-label_image = nib.load(inp.labels)
-labels = np.asarray(label_image.dataobj, dtype=np.int16)
-affine = label_image.affine
+labels = read_volume(inp.labels, np.int16, ndim=3)
+affine = read_nifti_header(inp.labels).affine
 names = read_label_table(inp.labels_tsv)
 frames = FrameSchedule.from_bids_json(inp.pet_json)
 slice_mm = float(np.linalg.norm(affine[:3, 2]))
 crop = tuple(int(c) for c in params.crop)
-try:
-    z = slice_range(labels, names, slice_mm, params.margins_mm, params.n_slices, source=inp.labels)
-except PreprocessingError as err:
-    print(f"ERROR: {err}", file=sys.stderr)
-    sys.exit(1)
+# A PreprocessingError (no lungs, too few slices) ends the script in one line (script_log).
+z = slice_range(labels, names, slice_mm, params.margins_mm, params.n_slices, source=inp.labels)
 offsets = centre_crop_offsets(labels, z, crop, names.get("background", 0))
 
 # Read only the slab of slices that is needed.
-slab = np.asarray(nib.load(inp.pet).dataobj[:, :, z.min() : z.max() + 1, :], dtype=np.float32)
+slab = read_volume(inp.pet, np.float32, slab=np.s_[:, :, z.min() : z.max() + 1, :], ndim=4)
 tacs, slice_labels = extract_slices(
     slab, labels[:, :, z.min() : z.max() + 1], z - z.min(), offsets, crop
 )

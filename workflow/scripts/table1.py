@@ -3,7 +3,6 @@ MAE (mean +/- sd over the test slices, in the configured test domain)."""
 
 import sys
 
-import numpy as np
 import pandas as pd
 
 from kinpet.evaluation import (
@@ -14,22 +13,22 @@ from kinpet.evaluation import (
     slice_metric_summary,
 )
 from kinpet.io import atomic_path
+from kinpet.readers import read_npz, read_table, script_log
 from kinpet.settings import settings_from_config
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 subjects = list(sm.params.slices)
 # The test slices are those of the slice dataset (lungs to bladder), as in the paper.
 test_z = {}
 for subject, path in sm.params.slices.items():
-    with np.load(path) as data:
-        test_z[subject] = data["z"]
+    test_z[subject] = read_npz(path, keys=("z",))["z"]
 domain = sm.params.test_domain
 rows = []
 for name, design in sm.params.ablations.items():
     parts = []
     for subject, path in sm.params.metrics[name].items():
-        metrics = domain_slice_metrics(pd.read_csv(path, sep="\t"), domain, source=path)
+        metrics = domain_slice_metrics(read_table(path), domain, source=path)
         parts.append(metrics[metrics["z"].isin(test_z[subject])].assign(subject=subject))
     summary = slice_metric_summary(pd.concat(parts, ignore_index=True))
     # As the train rule expands them: a table of the demo's recipe must not pass for the

@@ -3,17 +3,16 @@
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from kinpet.convergence import loss_floor, masked_curves, monitor_subject, pooled_floor
 from kinpet.evaluation import organ_indices
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import read_label_table, read_slices
+from kinpet.io import KinpetInputError, read_label_table, read_slices
+from kinpet.readers import read_volume, script_log
 from kinpet.training import (
     SliceSet,
-    TrainingBusyError,
     pick_device,
     settings_from_config,
     subject_projection,
@@ -21,7 +20,7 @@ from kinpet.training import (
     train,
 )
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 
 
@@ -32,7 +31,7 @@ def load(npz_paths, blood_paths, sampling, scaling):
         slices.append(data["tacs"])
         these = FrameSchedule(data["frame_start_s"], data["frame_duration_s"], source=npz)
         if frames is not None and these != frames:
-            raise ValueError(f"{npz}: frame schedule differs from the other subjects'")
+            raise KinpetInputError(f"{npz}: frame schedule differs from the other subjects'")
         frames = these
         inputs.append(InputFunction.from_blood_tsv(blood))
     return SliceSet.from_subjects(slices, inputs, frames, sampling, scaling), slices, inputs
@@ -54,13 +53,13 @@ def make_monitor(inp, settings, train_data, val_data):
     aif = InputFunction.from_blood_tsv(inp.monitor_blood)
     names = read_label_table(inp.monitor_labels_tsv)
     truth = {
-        Path(p).name.split("_desc-")[1].split("_")[0]: np.asarray(nib.load(p).dataobj, np.float32)
+        Path(p).name.split("_desc-")[1].split("_")[0]: read_volume(p, np.float32, ndim=3)
         for p in inp.monitor_truth
     }
     scale = subject_scale(aif, frames, settings.scaling)
     watch = monitor_subject(
-        np.asarray(nib.load(inp.monitor_pet).dataobj, dtype=np.float32),
-        np.asarray(nib.load(inp.monitor_labels).dataobj),
+        read_volume(inp.monitor_pet, np.float32, ndim=4),
+        read_volume(inp.monitor_labels, ndim=3),
         organ_indices(names, sm.params.monitor_organs, source=inp.monitor_labels_tsv),
         truth,
         aif,
@@ -100,20 +99,17 @@ out_dir = sm.output.best.rsplit("/", 1)[0]
 # The state folder is no rule output: Snakemake does not delete it before a rerun, so a
 # killed job resumes where it stopped (README, "Faults").
 state_dir = Path("results/training_state") / sm.wildcards.ablation
-try:
-    result = train(
-        train_set,
-        val_set,
-        settings,
-        out_dir,
-        resume=True,
-        stream=sys.stderr,
-        monitor=monitor,
-        state_dir=state_dir,
-    )
-except TrainingBusyError as err:
-    print(f"ERROR: {err}", file=sys.stderr)
-    sys.exit(1)
+# Another job training into the same folder (TrainingBusyError) ends in one line too.
+result = train(
+    train_set,
+    val_set,
+    settings,
+    out_dir,
+    resume=True,
+    stream=sys.stderr,
+    monitor=monitor,
+    state_dir=state_dir,
+)
 if monitor is None:
     Path(sm.output.monitor).write_text("epoch\n")  # nothing monitored: a header only
 print(f"best validation loss {result['val_loss']:.6g} at epoch {result['epoch']}", file=sys.stderr)

@@ -3,7 +3,6 @@ maps per organ and parameter, and the within-organ coefficient of variation (smo
 
 import sys
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -16,8 +15,9 @@ from kinpet.evaluation import (
 )
 from kinpet.figures import save_figure, smoothness_figure, truth_recovery_figure
 from kinpet.io import atomic_path, read_label_table
+from kinpet.readers import read_volume, script_log
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 fit_methods = list(sm.params.fits)  # keyed by method, subject, parameter
 figure_organs = list(sm.params.organs)
@@ -25,7 +25,7 @@ figure_organs = list(sm.params.organs)
 
 def read_maps(paths):
     """The parameter maps of one subject and method, from their paths keyed by name."""
-    return {n: np.asarray(nib.load(paths[n]).dataobj, dtype=np.float32) for n in PARAMETERS}
+    return {n: read_volume(paths[n], np.float32, ndim=3) for n in PARAMETERS}
 
 
 errors, smooth = [], []
@@ -35,7 +35,7 @@ for subject, labels_path in sm.params.labels.items():
     index = organ_indices(names, figure_organs, source=tsv)
     # Every labelled region in the table, the figure's organs first.
     index.update({n: i for n, i in names.items() if n not in index and n != "background"})
-    labels = np.asarray(nib.load(labels_path).dataobj)
+    labels = read_volume(labels_path, ndim=3)
     truth = read_maps(sm.params.truth[subject])
     estimates = {"network": read_maps(sm.params.network[subject])}
     for method in fit_methods:

@@ -1,0 +1,324 @@
+"""kinpet.readers: the pipeline's intermediates read with errors that name the file, and a
+workflow script that stops on bad input with one line in its log."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from kinpet.io import KinpetInputError, write_label_table, write_nifti
+from kinpet.readers import (
+    read_json,
+    read_nifti_header,
+    read_npz,
+    read_table,
+    read_volume,
+    report_error,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+AFFINE = np.diag([2.5, 2.5, 2.5, 1.0])  # 2.5-mm voxels
+AFFINE[:3, 3] = (-30.0, -20.0, 5.0)
+
+
+def truncate(path, keep=0.5):
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+@pytest.fixture
+def volume_3d(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.random((12, 10, 8), dtype=np.float32)
+    path = tmp_path / "map.nii.gz"
+    write_nifti(path, data, AFFINE)
+    return path, data
+
+
+@pytest.fixture
+def volume_4d(tmp_path):
+    rng = np.random.default_rng(1)
+    data = (100 * rng.random((12, 10, 8, 5))).astype(np.float32)
+    path = tmp_path / "pet.nii.gz"
+    write_nifti(path, data, AFFINE)
+    return path, data
+
+
+# -- good files: the same data as the bare calls ---------------------------------------------
+
+
+def test_read_volume_equals_nibabel(volume_3d, volume_4d):
+    for path, data in (volume_3d, volume_4d):
+        bare = np.asarray(nib.load(path).dataobj)
+        got = read_volume(path)
+        assert got.dtype == bare.dtype
+        np.testing.assert_array_equal(got, bare)
+        np.testing.assert_array_equal(got, data)
+    path, data = volume_4d
+    got = read_volume(path, np.float64, slab=np.s_[:, :, 2:5, :], ndim=4)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, data[:, :, 2:5, :])
+    np.testing.assert_array_equal(read_volume(path, slab=np.s_[:, 3, :, :]), data[:, 3])
+
+
+def test_labels_keep_their_integer_type(tmp_path):
+    labels = np.zeros((6, 5, 4), dtype=np.int16)
+    labels[1:3, 1:3, 1:3] = 2
+    write_nifti(tmp_path / "dseg.nii.gz", labels, AFFINE, dtype=np.int16)
+    got = read_volume(tmp_path / "dseg.nii.gz", ndim=3)
+    assert got.dtype == np.int16
+    np.testing.assert_array_equal(got, labels)
+
+
+def test_read_nifti_header(volume_4d):
+    path, data = volume_4d
+    grid = read_nifti_header(path)
+    image = nib.load(path)
+    assert grid.shape == data.shape
+    np.testing.assert_array_equal(grid.affine, image.affine)
+    assert grid.affine.dtype == np.float64
+    assert grid.zooms[:3] == (2.5, 2.5, 2.5)
+
+
+def test_read_npz_equals_numpy(tmp_path):
+    arrays = {"z": np.arange(4), "crop": np.array([3, 5]), "tacs": np.ones((2, 3), np.float32)}
+    np.savez_compressed(tmp_path / "a.npz", **arrays)
+    got = read_npz(tmp_path / "a.npz")
+    assert set(got) == set(arrays)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(got[key], value)
+        assert got[key].dtype == value.dtype
+    assert list(read_npz(tmp_path / "a.npz", keys=("z",))) == ["z"]
+
+
+def test_read_table_and_json_equal_pandas_and_json(tmp_path):
+    table = pd.DataFrame({"organ": ["liver", "lungs"], "K1": [0.8, 0.1]})
+    table.to_csv(tmp_path / "t.tsv", sep="\t", index=False)
+    table.to_csv(tmp_path / "t.csv", index=False)
+    pd.testing.assert_frame_equal(read_table(tmp_path / "t.tsv", ["organ", "K1"]), table)
+    pd.testing.assert_frame_equal(read_table(tmp_path / "t.csv", ["K1"], sep=","), table)
+    meta = {"FrameTimesStart": [0, 10], "Units": "kBq/mL"}
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    assert read_json(tmp_path / "m.json") == meta
+
+
+# -- bad files: KinpetInputError naming the file and the problem -------------------------------
+
+
+def _raises(call, path, *words):
+    with pytest.raises(KinpetInputError) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_truncated_and_broken_nifti(volume_3d, tmp_path):
+    path, _ = volume_3d
+    truncate(path)
+    _raises(lambda: read_volume(path), path, "truncated or corrupt", "EOFError")
+    # The header is whole: the grid is readable, only the data are not.
+    assert read_nifti_header(path).shape == (12, 10, 8)
+
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    _raises(lambda: read_volume(empty), empty, "empty file")
+    stub = tmp_path / "stub.nii.gz"
+    stub.write_bytes(path.read_bytes()[:60])  # not even a whole header
+    _raises(lambda: read_nifti_header(stub), stub, "cannot read as NIfTI")
+    missing = tmp_path / "nope.nii.gz"
+    _raises(lambda: read_volume(missing), missing, "file not found")
+
+
+def test_wrong_dimensions(volume_4d):
+    path, _ = volume_4d
+    _raises(lambda: read_volume(path, ndim=3), path, "expected a 3-D image", "(12, 10, 8, 5)")
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.97])
+def test_empty_and_truncated_npz(tmp_path, keep):
+    path = tmp_path / "chunk.npz"
+    np.savez_compressed(path, voxels=np.array(7), params=np.ones((50, 4)))
+    truncate(path, keep)
+    problem = "empty file" if keep == 0 else "truncated or corrupt"
+    _raises(lambda: read_npz(path), path, problem)
+
+
+def test_npz_missing_array_and_pickles(tmp_path):
+    path = tmp_path / "a.npz"
+    np.savez(path, z=np.arange(3))
+    _raises(lambda: read_npz(path, keys=("z", "crop")), path, "missing array(s) crop", "z")
+    pickled = tmp_path / "p.npz"
+    np.savez(pickled, obj=np.array([{"a": 1}], dtype=object))
+    _raises(lambda: read_npz(pickled), pickled, "truncated or corrupt", "pickle")
+
+
+def test_malformed_and_incomplete_tables(tmp_path):
+    missing = tmp_path / "fits.tsv"
+    missing.write_text("organ\tK1\nliver\t0.8\n")
+    _raises(
+        lambda: read_table(missing, ["organ", "method", "K1", "k2"]),
+        missing,
+        "missing column(s) method, k2",
+        "columns: organ, K1",
+    )
+    ragged = tmp_path / "ragged.tsv"
+    ragged.write_text("z\tcs\n0\t0.9\n1\t0.8\t7\t9\n")
+    _raises(lambda: read_table(ragged), ragged, "cannot read as TSV")
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    _raises(lambda: read_table(empty, ["z"]), empty, "empty file")
+    _raises(lambda: read_table(tmp_path / "no.tsv"), tmp_path / "no.tsv", "file not found")
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b'{"FrameTimesStart": [0, 10', "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (b"\xff\xfe\x00garbage", "not UTF-8"),
+    ],
+)
+def test_bad_json(tmp_path, content, problem):
+    path = tmp_path / "sub-01_pet.json"
+    path.write_bytes(content)
+    _raises(lambda: read_json(path), path, problem)
+
+
+def test_report_error_only_for_named_errors(capsys):
+    assert report_error(KinpetInputError("a.nii.gz: truncated"))
+    assert capsys.readouterr().err == "ERROR: a.nii.gz: truncated\n"
+    assert not report_error(ValueError("a bug, keep its traceback"))
+    assert capsys.readouterr().err == ""
+
+
+# -- one workflow script, end to end, as Snakemake's script directive runs it ---------------
+
+# Runs a workflow script in a Python process of its own, as Snakemake's script: directive
+# does, with a stand-in for the snakemake object (inputs, outputs, params, log).
+DRIVER = """
+import json, runpy, sys
+from types import SimpleNamespace
+
+class Files(list):
+    def __init__(self, named):
+        super().__init__(named.values())
+        self.__dict__.update(named)
+    def keys(self):
+        return self.__dict__.keys()
+
+spec = json.loads(sys.argv[2])
+snakemake = SimpleNamespace(
+    input=Files(spec["input"]),
+    output=Files(spec["output"]),
+    params=SimpleNamespace(**spec["params"]),
+    log=[spec["log"]],
+    threads=1,
+)
+runpy.run_path(sys.argv[1], init_globals={"snakemake": snakemake}, run_name="__main__")
+"""
+
+
+def run_script(name, spec, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    script = ROOT / "workflow" / "scripts" / f"{name}.py"
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, str(script), json.dumps(spec)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def figure4_inputs(tmp_path):
+    """Labels, their table and two K1 maps on a small grid: figure4.py's inputs."""
+    labels = np.zeros((16, 14, 10), dtype=np.int16)
+    labels[2:14, 2:12, 1:9] = 1  # body
+    labels[4:8, 4:10, 2:6] = 2  # liver
+    labels[9:12, 4:9, 4:8] = 3  # lungs
+    rng = np.random.default_rng(2)
+    k1 = np.where(labels > 0, 0.5 + 0.1 * rng.random(labels.shape), np.nan).astype(np.float32)
+    write_nifti(tmp_path / "dseg.nii.gz", labels, AFFINE, dtype=np.int16)
+    write_label_table(tmp_path / "dseg.tsv", {0: "background", 1: "body", 2: "liver", 3: "lungs"})
+    write_nifti(tmp_path / "network_K1.nii.gz", k1, AFFINE)
+    write_nifti(tmp_path / "fit_K1.nii.gz", 1.05 * k1, AFFINE)
+    return {
+        "input": {
+            "labels": "dseg.nii.gz",
+            "labels_tsv": "dseg.tsv",
+            "network": "network_K1.nii.gz",
+            "fit": "fit_K1.nii.gz",
+        },
+        "output": {"png": "out/figure4.png", "pdf": "out/figure4.pdf"},
+        "params": {
+            "organs": ["liver", "lungs"],
+            "method": "fast",
+            "ablation": "4.1",
+            "subject": "sub-01",
+        },
+        "log": "figure4.log",
+    }
+
+
+def test_a_script_stops_on_a_corrupt_input_with_one_line(figure4_inputs, tmp_path):
+    (tmp_path / "out").mkdir()
+    # The good inputs make the figure: the stand-in is what the script needs.
+    res = run_script("figure4", figure4_inputs, tmp_path)
+    assert res.returncode == 0, res.stderr + (tmp_path / "figure4.log").read_text()
+    assert (tmp_path / "out/figure4.png").stat().st_size > 0
+    for name in ("figure4.png", "figure4.pdf"):
+        (tmp_path / "out" / name).unlink()
+
+    truncate(tmp_path / "network_K1.nii.gz")
+    res = run_script("figure4", figure4_inputs, tmp_path)
+    assert res.returncode == 1
+    log = (tmp_path / "figure4.log").read_text()
+    assert "Traceback" not in log and "Traceback" not in res.stderr
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("ERROR: network_K1.nii.gz: truncated or corrupt file"), log
+    assert "EOFError" in last
+    assert list((tmp_path / "out").iterdir()) == []  # no output, not even a temporary
+
+
+def test_a_script_keeps_the_traceback_of_a_bug(figure4_inputs, tmp_path):
+    """An error that is no input error (here a config value of the wrong type) is a bug to
+    report: its traceback stays in the log."""
+    (tmp_path / "out").mkdir()
+    figure4_inputs["params"]["organs"] = 7
+    res = run_script("figure4", figure4_inputs, tmp_path)
+    assert res.returncode == 1
+    assert "Traceback" in (tmp_path / "figure4.log").read_text()
+
+
+def test_an_error_of_another_kinpet_module_is_one_line_too(figure4_inputs, tmp_path):
+    (tmp_path / "out").mkdir()
+    figure4_inputs["params"]["organs"] = ["liver", "spleen"]
+    res = run_script("figure4", figure4_inputs, tmp_path)
+    assert res.returncode == 1
+    log = (tmp_path / "figure4.log").read_text()
+    assert "Traceback" not in log
+    assert log.strip().splitlines()[-1].startswith("ERROR: dseg.tsv: no label named 'spleen'")
+
+
+def test_organ_values_that_do_not_parse(tmp_path):
+    from kinpet.io import read_organ_values
+
+    header = "organ\tK1\tk2\tk3\tVb\n"
+    text = tmp_path / "text.tsv"
+    text.write_text(header + "liver\t0.8\tabc\t0.01\t0.02\n")
+    _raises(lambda: read_organ_values(text), text, "finite numbers")
+    ragged = tmp_path / "ragged.tsv"
+    ragged.write_text(header + "liver\t0.8\t0.1\t0.01\t0.02\nlungs\t0.1\t0.1\t0.01\t0.02\t9\n")
+    _raises(lambda: read_organ_values(ragged), ragged, "cannot read as TSV")
