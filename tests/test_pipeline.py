@@ -557,6 +557,7 @@ def test_adding_a_subject_plans_only_its_jobs_and_the_aggregations(tiny_run):
         "slices",
         "predict",
         "organ_fit",
+        "fit_slabs",
         "fit_chunk",
         "gather_fit",
         "resample_truth",

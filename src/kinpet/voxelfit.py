@@ -3,14 +3,22 @@
 The pipeline fits each (subject, chunk, method) in its own job and gathers the chunks
 into parametric maps; these functions do the cutting, the fitting of one chunk and the
 gathering, on arrays.
+
+A chunk job reads only its slices: the 4-D image is written once per subject, slice-major
+and uncompressed (:func:`write_slabs`), and each job maps the bytes of its slices alone
+(:func:`read_slab`). The gzipped NIfTI cannot be read that way: its slices are spread over
+every frame of the file, so any slice range decompresses the whole of it.
+
+Importing this module is light (numpy only): the fitter, and torch with it, is imported by
+:func:`fit_chunk`, the organ tables by :func:`figure_slice`.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import time
+from pathlib import Path
 
-from kinpet.evaluation import axial_slice
-from kinpet.fitting import fit
+import numpy as np
 
 # Channels of a fitted chunk: the four parameters, Ki and the weighted SSE.
 MAP_NAMES = ("K1", "k2", "k3", "Vb", "Ki", "SSE")
@@ -41,6 +49,74 @@ def read_chunk(image, z0: int, z1: int) -> np.ndarray:
     return np.asarray(image.dataobj[:, :, z0:z1, ...], dtype=np.float32)
 
 
+def write_slabs(image, path) -> tuple[int, ...]:
+    """Write a 4-D image (nibabel, [X, Y, Z, T]) as a float32 ``.npy`` of shape
+    [Z, X, Y, T] (C order: the slices one after the other), atomically; return the shape.
+
+    The values are those :func:`read_chunk` returns; :func:`read_slab` reads them back
+    slices [z0, z1) at a time. The image is decompressed once, here, instead of once per
+    chunk job.
+    """
+    from kinpet.atomic import atomic_path
+
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim != 4:
+        raise ValueError(f"not a 4-D image: shape {data.shape}")
+    shape = (data.shape[2], data.shape[0], data.shape[1], data.shape[3])
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        for z in range(shape[0]):
+            out[z] = data[:, :, z, :]
+        out.flush()
+        del out
+    return shape
+
+
+def slab_layout(path) -> tuple[tuple[int, ...], int]:
+    """Shape [Z, X, Y, T] and data offset (bytes) of a file of :func:`write_slabs`."""
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in readers:
+            raise ValueError(f"{path}: .npy format version {version} is not supported")
+        shape, fortran, dtype = readers[version](f)
+        offset = f.tell()
+    if len(shape) != 4 or fortran or dtype != np.dtype(np.float32):
+        raise ValueError(
+            f"{path}: not a slab file (C-ordered float32 [Z, X, Y, T]); found shape "
+            f"{shape}, dtype {dtype}, {'Fortran' if fortran else 'C'} order"
+        )
+    return tuple(int(n) for n in shape), offset
+
+
+def read_slab(path, z0: int, z1: int) -> np.ndarray:
+    """Slices [z0, z1) of a file of :func:`write_slabs`, as [X, Y, z1 - z0, T] float32.
+
+    The same values as :func:`read_chunk` on the image the file was written from. Only the
+    bytes of those slices are mapped (an empty range maps nothing), so a job reads its
+    slab and no more.
+    """
+    (n_z, n_x, n_y, n_t), offset = slab_layout(path)
+    if not 0 <= z0 <= z1 <= n_z:
+        raise ValueError(f"slices {z0}-{z1} are not within the {n_z} slices of {path}")
+    if z1 == z0:
+        return np.zeros((n_x, n_y, 0, n_t), dtype=np.float32)
+    plane = n_x * n_y * n_t * 4  # bytes per slice
+    mapped = np.memmap(
+        Path(path),
+        dtype=np.float32,
+        mode="r",
+        offset=offset + z0 * plane,
+        shape=(z1 - z0, n_x, n_y, n_t),
+    )
+    slab = np.array(mapped)  # read now, then let the map go
+    del mapped
+    return np.moveaxis(slab, 0, 2)
+
+
 def figure_slice(labels: np.ndarray, names: dict, organs=FIGURE4_ORGANS) -> int:
     """The axial slice that shows the most of ``organs`` (the slice of Fig. 4).
 
@@ -59,6 +135,8 @@ def figure_slice(labels: np.ndarray, names: dict, organs=FIGURE4_ORGANS) -> int:
         The slice holding the largest number of the organs, and among those the most of
         their voxels (:func:`kinpet.evaluation.axial_slice` over all slices).
     """
+    from kinpet.evaluation import axial_slice
+
     present = {o: names[o] for o in organs if o in names}
     if not present:
         raise ValueError(f"none of the organs {list(organs)} is in the label table")
@@ -90,7 +168,9 @@ def covered_slices(n_slices: int, spec, figure_z: int | None = None) -> np.ndarr
     return covered
 
 
-def fit_chunk(pet, mask, z0, z1, covered, input_function, frames, method="fast", **options):
+def fit_chunk(
+    pet, mask, z0, z1, covered, input_function, frames, method="fast", timing=None, **options
+):
     """Fit every masked voxel of slices [z0, z1) that ``covered`` selects.
 
     Parameters
@@ -103,6 +183,9 @@ def fit_chunk(pet, mask, z0, z1, covered, input_function, frames, method="fast",
         The chunk's slices.
     covered : array of bool [Z]
         Slices this method fits (:func:`covered_slices`).
+    timing : dict, optional
+        Given, ``timing["fit_s"]`` is set to the wall seconds of the fitter's own call
+        (:func:`kinpet.fitting.fit`; 0 when no voxel is fitted).
     options
         Passed to :func:`kinpet.fitting.fit` (weights, sampling, n_jobs, ...).
 
@@ -115,12 +198,19 @@ def fit_chunk(pet, mask, z0, z1, covered, input_function, frames, method="fast",
     sub_mask = mask[:, :, z0:z1] & covered[None, None, z0:z1]
     out = np.full((*mask.shape[:2], z1 - z0, len(MAP_NAMES)), np.nan, dtype=np.float32)
     n = int(sub_mask.sum())
+    seconds = 0.0
     if n:
+        from kinpet.fitting import fit
+
         tacs = np.asarray(pet[:, :, z0:z1, :])[sub_mask]
+        start = time.perf_counter()
         result = fit(tacs, input_function, frames, method=method, **options)
+        seconds = time.perf_counter() - start
         values = np.column_stack([result.params, result.ki, result.sse])
         values[~result.ok] = np.nan
         out[sub_mask] = values
+    if timing is not None:
+        timing["fit_s"] = seconds
     return out, n
 
 

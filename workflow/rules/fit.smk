@@ -29,9 +29,32 @@ rule organ_fit:
         "../scripts/organ_fit.py"
 
 
-rule fit_chunk:
+# The 4-D image once more, uncompressed and slice after slice, so that each chunk job
+# reads only its slices (a gzipped NIfTI spreads every slice over the whole file). Not
+# temp(): a temporary written again for one lost chunk would rerun all of the subject's
+# chunks, of both methods (their input is newer).
+rule fit_slabs:
     input:
         pet="results/preprocessed/{subject}/pet_2p5mm.nii.gz",
+    output:
+        slabs="results/preprocessed/{subject}/pet_2p5mm_slabs.npy",
+    log:
+        "logs/fit_slabs/{subject}.log",
+    benchmark:
+        "results/benchmarks/fit_slabs/{subject}.tsv"
+    conda:
+        "../../envs/kinpet.yaml"
+    threads: 1
+    resources:
+        # The decompressed image (about 1.4 x the gzipped file) and the file written.
+        mem_mb=lambda wildcards, input: 1000 + int(3 * input.size_mb),
+    script:
+        "../scripts/fit_slabs.py"
+
+
+rule fit_chunk:
+    input:
+        slabs="results/preprocessed/{subject}/pet_2p5mm_slabs.npy",
         labels="results/preprocessed/{subject}/labels_2p5mm.nii.gz",
         labels_tsv="results/preprocessed/{subject}/labels.tsv",
         blood="results/preprocessed/{subject}/input_blood.tsv",
