@@ -71,9 +71,12 @@ def fit_curves(
         workers = 1
     elif workers is None:
         workers = torch.get_num_threads()
+    # Worker threads asked for: one torch thread each, even where the curves are too few to
+    # be split (torch's own threads would only wait for each other on such small tensors).
+    threads = 1 if workers > 1 else None
     workers = max(1, min(workers, min(chunk_size, n) // LM_BLOCK))
     first = min(lm_iterations, LM_FIRST_STEPS)
-    with _torch_threads(1 if workers > 1 else None), _executor(workers) as run:
+    with _torch_threads(threads), _executor(workers) as run:
         basis = make_basis(model, w, lo, hi, start_beta=start_beta, tie_tolerance=tie_tolerance,
                            beta_grid=beta_grid, device=device)  # fmt: skip
         _fit_chunks(basis, tacs, params, sse, run, workers, chunk_size, first, lm_iterations)

@@ -43,6 +43,8 @@ class Polish:
         Parameters (K1, k2, k3, Vb).
     e : [n, F]
         Weighted E at k2 + k3 of ``x``.
+    r : [n, F]
+        Weighted residuals at ``x``.
     sse : [n]
         Weighted SSE at ``x``.
     lam : [n]
@@ -54,6 +56,7 @@ class Polish:
     y_w: torch.Tensor
     x: torch.Tensor
     e: torch.Tensor
+    r: torch.Tensor
     sse: torch.Tensor
     lam: torch.Tensor
     taken: torch.Tensor
@@ -68,20 +71,21 @@ class Polish:
         return Polish(*(torch.cat(f) for f in zip(*(p._fields() for p in parts), strict=True)))
 
     def _fields(self):
-        return (self.y_w, self.x, self.e, self.sse, self.lam, self.taken)
+        return (self.y_w, self.x, self.e, self.r, self.sse, self.lam, self.taken)
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
 
 def start(basis: Basis, y_w, x, e, beta_e) -> Polish:
-    """The state at parameters x [n, 4] with weighted E ``e`` [n, F] at ``beta_e`` [n].
+    """The state at parameters x [n, 4] (taken over, not copied) with weighted E ``e``
+    [n, F] at ``beta_e`` [n].
 
     ``beta_e`` is where ``e`` was evaluated (:func:`kinpet.fastfit.grid.grid_start`);
-    where it differs from k2 + k3 of ``x`` by more than round-off, E is evaluated again.
+    where it differs from k2 + k3 of ``x`` by more than round-off, E is evaluated again
+    (in place: ``e`` becomes part of the state).
     """
     beta = x[:, 1] + x[:, 2]
-    e = e.clone()
     # k2 + k3 differs from the beta it was mapped from by round-off: no reason.
     stale = torch.nonzero((beta - beta_e).abs() > 1e-12 * beta_e)[:, 0]
     if stale.numel():
@@ -90,7 +94,7 @@ def start(basis: Basis, y_w, x, e, beta_e) -> Polish:
     n = x.shape[0]
     lam = torch.full((n,), LM_START_DAMPING, dtype=x.dtype, device=x.device)
     taken = torch.zeros(n, dtype=torch.int64, device=x.device)
-    return Polish(y_w, x.clone(), e, (r * r).sum(1), lam, taken)
+    return Polish(y_w, x, e, r, (r * r).sum(1), lam, taken)
 
 
 def polish(basis: Basis, s: Polish, steps: int, stop_below: int = 0):
@@ -107,9 +111,8 @@ def polish(basis: Basis, s: Polish, steps: int, stop_below: int = 0):
         Indices (into ``s``, ascending) of the curves that have not converged: those
         still going at ``stop_below`` and those that have taken ``steps``.
     """
-    x, e, sse, lam, taken = s.x, s.e, s.sse, s.lam, s.taken
+    x, e, r, sse, lam, taken = s.x, s.e, s.r, s.sse, s.lam, s.taken
     n = x.shape[0]
-    r = s.y_w - model_from_e(basis, x, e)
     active = torch.nonzero((sse > 0) & (taken < steps))[:, 0]
     spent = [active[:0]]
     lo, hi = basis.bounds.lo_t, basis.bounds.hi_t
