@@ -268,7 +268,9 @@ def e_derivatives(basis: Basis, beta, out):
     lb = torch.log(beta).clamp(float(log_nodes[0]), float(log_nodes[-1]))
     hi = torch.searchsorted(log_nodes, lb).clamp(1, log_nodes.numel() - 1)
     t = (lb - log_nodes[hi - 1]) / (log_nodes[hi] - log_nodes[hi - 1])
-    torch.lerp(basis.de_table[hi - 1], basis.de_table[hi], t[:, None, None], out=out)
+    # index_select: the same rows as indexing, several times faster.
+    below, above = basis.de_table.index_select(0, hi - 1), basis.de_table.index_select(0, hi)
+    torch.lerp(below, above, t[:, None, None], out=out)
 
 
 def model_from_e(basis: Basis, x, e):

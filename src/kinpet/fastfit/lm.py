@@ -63,7 +63,7 @@ class Polish:
 
     def take(self, idx) -> Polish:
         """The curves ``idx`` (a copy)."""
-        return Polish(*(v[idx] for v in self._fields()))
+        return Polish(*(v.index_select(0, idx) for v in self._fields()))
 
     @staticmethod
     def cat(parts) -> Polish:
@@ -120,7 +120,7 @@ def polish(basis: Basis, s: Polish, steps: int, stop_below: int = 0):
         if active.numel() == n:  # every curve: no gathering needed
             xa, ea, ra, sse_a, lam_a = x, e, r, sse, lam
         else:
-            xa, ea, ra, sse_a, lam_a = x[active], e[active], r[active], sse[active], lam[active]
+            xa, ea, ra, sse_a, lam_a = (v.index_select(0, active) for v in (x, e, r, sse, lam))
         hess, g, jtj = newton_system(basis, xa, ea, ra)
         at_lo, at_hi = xa <= lo, xa >= hi
         held = (at_lo & (g < 0)) | (at_hi & (g > 0))
@@ -140,26 +140,27 @@ def polish(basis: Basis, s: Polish, steps: int, stop_below: int = 0):
         go = torch.nonzero((pred > LM_RTOL * sse_a) | (lam_a > 1.0))[:, 0]
         active = active[go]
         if go.numel() < xa.shape[0]:
-            xa, ea, ra, step, g = xa[go], ea[go], ra[go], step[go], g[go]
-            sse_a, lam_a = sse_a[go], lam_a[go]
+            xa, ea, ra, step, g, sse_a, lam_a = (
+                v.index_select(0, go) for v in (xa, ea, ra, step, g, sse_a, lam_a)
+            )
         # Shortened to stop at the first bound it meets: that parameter lands on its
         # bound (and is held there next time if its gradient points out). Clipping each
         # parameter instead bends the step out of its direction, and such steps were
         # often rejected, so that curves with an optimum on a bound took many steps.
         step = step * step_to_bounds(basis, xa, step)[:, None]
-        trial_x, e_t, r_t, sse_t = trial(basis, xa + step, s.y_w[active])
+        trial_x, e_t, r_t, sse_t = trial(basis, xa + step, s.y_w.index_select(0, active))
         accept = sse_t < sse_a
         small = (sse_a - sse_t) <= LM_RTOL * sse_a
         # (Before the updates below: xa, sse_a, ... may be views of x, sse, ...)
         done = (accept & small) | (lam_a > 1e10) | (sse_t == 0)
         acc = accept[:, None]
-        x[active] = torch.where(acc, trial_x, xa)
-        e[active] = torch.where(acc, e_t, ea)
-        r[active] = torch.where(acc, r_t, ra)
-        sse[active] = torch.where(accept, sse_t, sse_a)
-        lam[active] = torch.where(accept, lam_a / 10, lam_a * 10)
-        taken_a = taken[active] + 1
-        taken[active] = taken_a
+        x.index_copy_(0, active, torch.where(acc, trial_x, xa))
+        e.index_copy_(0, active, torch.where(acc, e_t, ea))
+        r.index_copy_(0, active, torch.where(acc, r_t, ra))
+        sse.index_copy_(0, active, torch.where(accept, sse_t, sse_a))
+        lam.index_copy_(0, active, torch.where(accept, lam_a / 10, lam_a * 10))
+        taken_a = taken.index_select(0, active) + 1
+        taken.index_copy_(0, active, taken_a)
         if steps > LM_RESTART:
             restart = active[~done & (taken_a == LM_RESTART)]
             lam[restart] = LM_START_DAMPING
