@@ -88,14 +88,19 @@ def _fit_chunks(basis, tacs, params, sse, run, workers, chunk_size, first, lm_it
     results into ``params`` and ``sse``."""
 
     def start_part(y_w):
-        """Grid start and first steps of y_w [m, F], block by block; and the indices of
-        the curves not converged."""
-        blocks = []
+        """Grid start and first steps of y_w [m, F], block by block. Returns params
+        [m, 4], SSE [m], and the state and indices of the curves not converged."""
+        x, sse, going, stragglers = [], [], [], []
         for offset in range(0, y_w.shape[0], LM_BLOCK):
             block = y_w[offset : offset + LM_BLOCK]
             s = start(basis, block, *grid_start(basis, block))
-            blocks.append((s, polish(basis, s, first) + offset))
-        return Polish.cat([s for s, _ in blocks]), torch.cat([g for _, g in blocks])
+            g = polish(basis, s, first)
+            # Only the stragglers' state is kept: all of it would be ~1.5 kB per curve.
+            x.append(s.x)
+            sse.append(s.sse)
+            going.append(g + offset)
+            stragglers.append(s.take(g))
+        return torch.cat(x), torch.cat(sse), Polish.cat(stragglers), torch.cat(going)
 
     n = tacs.shape[0]
     pool, pool_idx = None, np.empty(0, dtype=np.int64)
@@ -104,11 +109,13 @@ def _fit_chunks(basis, tacs, params, sse, run, workers, chunk_size, first, lm_it
         y_w = y.to(torch.float64) * basis.sqrt_w
         parts = y_w.tensor_split(max(1, min(workers, y_w.shape[0] // LM_BLOCK)))
         offsets = np.cumsum([begin] + [len(p) for p in parts[:-1]])
-        for (s, going), offset in zip(run(start_part, parts), offsets, strict=True):
-            params[offset : offset + len(s)] = s.x.cpu().numpy()
-            sse[offset : offset + len(s)] = s.sse.cpu().numpy()
+        for (x, part_sse, stragglers, going), offset in zip(
+            run(start_part, parts), offsets, strict=True
+        ):
+            params[offset : offset + len(x)] = x.cpu().numpy()
+            sse[offset : offset + len(x)] = part_sse.cpu().numpy()
             if lm_iterations > first and going.numel():
-                pool = Polish.cat([p for p in (pool, s.take(going)) if p is not None])
+                pool = Polish.cat([p for p in (pool, stragglers) if p is not None])
                 pool_idx = np.concatenate([pool_idx, going.cpu().numpy() + offset])
         last = begin + chunk_size >= n
         pool, pool_idx = _polish_pool(
