@@ -149,8 +149,14 @@ def bounded_lsq(k, c1, c2, c3, vb_lo, vb_hi, faces=ALL_FACES, solution=False):
             better = feasible
             best = torch.where(better, gain, -math.inf)
         else:
-            better = feasible & (gain > best)
-            best = torch.where(better, gain, best)
+            better = gain > best
+            better &= feasible
+            # In place: the [n, B] arrays of the grid stay fewer and in cache.
+            best = (
+                torch.where(better, gain, best, out=best)
+                if best.shape == better.shape
+                else torch.where(better, gain, best)
+            )
         for i, v in enumerate((b, a, p3) if solution else ()):
             sol[i] = torch.where(better, v, sol[i])
 
@@ -179,34 +185,42 @@ def bounded_lsq(k, c1, c2, c3, vb_lo, vb_hi, faces=ALL_FACES, solution=False):
             elif kind == "b":
                 keep(_plus(c1v * c1v * k["inv_11"], offset), c1v >= 0, c1v * k["inv_11"], zero, p3)
             else:
-                b = torch.addcmul(c1v * k["b_11"], c2v, k["b_12"])
-                a = torch.addcmul(c2v * k["b_22"], c1v, k["b_12"])
-                gain = _plus(torch.addcmul(b * c1v, a, c2v), offset)
-                keep(gain, (b >= 0) & (a >= 0), b, a, p3)
+                b = (c1v * k["b_11"]).addcmul_(c2v, k["b_12"])
+                a = (c2v * k["b_22"]).addcmul_(c1v, k["b_12"])
+                gain = _plus((b * c1v).addcmul_(a, c2v), offset)
+                feasible = b >= 0
+                feasible &= a >= 0
+                keep(gain, feasible, b, a, p3)
             continue
         if kind == "0":
             p3 = c3 * k["inv_aa"]
             keep(c3 * c3 * k["inv_aa"], (p3 >= vb_lo) & (p3 <= vb_hi), zero, zero, p3)
         elif kind == "a":
-            a = torch.addcmul(c3 * k["c_23"], c2, k["c_22"])
-            p3 = torch.addcmul(c3 * k["c_33"], c2, k["c_23"])
-            gain = torch.addcmul(a * c2, p3, c3)
-            keep(gain, (a >= 0) & (p3 >= vb_lo) & (p3 <= vb_hi), zero, a, p3)
+            a = (c3 * k["c_23"]).addcmul_(c2, k["c_22"])
+            p3 = (c3 * k["c_33"]).addcmul_(c2, k["c_23"])
+            gain = (a * c2).addcmul_(p3, c3)
+            keep(gain, _all(a >= 0, p3 >= vb_lo, p3 <= vb_hi), zero, a, p3)
         elif kind == "b":
-            b = torch.addcmul(c3 * k["f_13"], c1, k["f_11"])
-            p3 = torch.addcmul(c3 * k["f_33"], c1, k["f_13"])
-            gain = torch.addcmul(b * c1, p3, c3)
-            keep(gain, (b >= 0) & (p3 >= vb_lo) & (p3 <= vb_hi), b, zero, p3)
+            b = (c3 * k["f_13"]).addcmul_(c1, k["f_11"])
+            p3 = (c3 * k["f_33"]).addcmul_(c1, k["f_13"])
+            gain = (b * c1).addcmul_(p3, c3)
+            keep(gain, _all(b >= 0, p3 >= vb_lo, p3 <= vb_hi), b, zero, p3)
         else:
-            b = torch.addcmul(torch.addcmul(c3 * k["d_13"], c1, k["d_11"]), c2, k["d_12"])
-            a = torch.addcmul(torch.addcmul(c3 * k["d_23"], c1, k["d_12"]), c2, k["d_22"])
-            p3 = torch.addcmul(torch.addcmul(c3 * k["d_33"], c1, k["d_13"]), c2, k["d_23"])
-            gain = torch.addcmul(torch.addcmul(b * c1, a, c2), p3, c3)
-            feasible = (b >= 0) & (a >= 0) & (p3 >= vb_lo) & (p3 <= vb_hi)
-            keep(gain, feasible, b, a, p3)
+            b = (c3 * k["d_13"]).addcmul_(c1, k["d_11"]).addcmul_(c2, k["d_12"])
+            a = (c3 * k["d_23"]).addcmul_(c1, k["d_12"]).addcmul_(c2, k["d_22"])
+            p3 = (c3 * k["d_33"]).addcmul_(c1, k["d_13"]).addcmul_(c2, k["d_23"])
+            gain = (b * c1).addcmul_(a, c2).addcmul_(p3, c3)
+            keep(gain, _all(b >= 0, a >= 0, p3 >= vb_lo, p3 <= vb_hi), b, a, p3)
     if solution:
         return best, tuple(torch.zeros_like(best) + v for v in sol)
     return best
+
+
+def _all(first, *rest):
+    """The elementwise AND of boolean tensors, in place in the first."""
+    for mask in rest:
+        first &= mask
+    return first
 
 
 def _plus(gain, offset):
