@@ -145,7 +145,7 @@ def test_linear_step_on_the_cone_equals_nnls(idif):
     # [W, U]: scipy's nnls. The grid's faces give the exact gain wherever they hold the
     # solution and a lower one elsewhere (mostly at betas far from the best), never a
     # higher one; the beta chosen from them is nearly always the one all faces choose
-    # (on benchmarks/fitting.py's curves 99.6 %).
+    # (docs/fitting.md).
     from scipy.optimize import nnls
 
     basis = basis_for(idif)

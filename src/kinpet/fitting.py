@@ -12,15 +12,17 @@ One entry point, :func:`fit`, with two methods (docs/fitting.md):
     E_beta its convolution with exp(-beta t), A the input; all sampled like the model),
     with p1 = (1 - Vb) K1 k3 / beta, p2 = (1 - Vb) K1 k2 / beta, p3 = Vb. The bounds of k2
     and k3 bound p1 / (p1 + p2) = k3 / beta, those of Vb bound p3. On a grid of beta
-    values this bounded linear least-squares problem is solved exactly for all curves
-    with matrix products. The best beta per curve (or, where the SSE over beta has local
-    minima tied within the noise, the one nearest the paper's start, where curve_fit
-    usually ends) is refined by a parabola through its neighbours, the linear problem
-    solved again there (exactly, at the exact E) and mapped back to (K1, k2, k3, Vb)
-    (only K1 may still need clipping). All curves are then polished together with
+    values this bounded linear least-squares problem is solved for all curves with
+    matrix products (on the faces of its bounds where the solution lies near the best
+    beta; see :mod:`kinpet.fastfit.linear`). The best beta per curve (or, where the SSE
+    over beta has local minima tied within the noise, the one nearest the paper's start,
+    where curve_fit usually ends) is refined by a parabola through its neighbours, the
+    linear problem solved again there (exactly, at the exact E) and mapped back to
+    (K1, k2, k3, Vb) (only K1 may still need clipping). All curves are then polished together with
     projected Levenberg-Marquardt on the full Hessian of the exact model (float64); most
     have converged after the refinement and stop after one check. A grid search cannot
     fall into the local minima that a single start can: it sees them all and chooses.
+    The code is the package :mod:`kinpet.fastfit`.
 
 Weights (``weights=``): ``"none"`` (the paper), ``"duration"`` (frame duration) or
 ``"duration_decay"``: duration x exp(-lambda t_mid) with lambda = ln 2 / 109.771 min
@@ -78,10 +80,9 @@ STATUS_NAMES = (
 
 DEFAULT_CHUNK = 65536  # curves per chunk of the fast fitter (~0.1 GB of working memory)
 _SCREEN_BLOCK = 65536
-# At most 40 steps; curves stop as soon as they have converged. On noisy benchmark curves
-# ~70 % stop at the first check (no trial step), ~11 % are still going after two steps,
-# ~0.4 % after eight and 0.05 % after 15: optima far along a flat valley or on a bound.
-# A cap of 15 left 0.20 % of 5,000 curves > 0.1 % above curve_fit's SSE (40: 0.06 %).
+# At most 40 steps; curves stop as soon as they have converged. Most stop at the first
+# check; the few still going after many steps have optima far along a flat valley or on
+# a bound, and a lower cap leaves more of them short of curve_fit's SSE (docs/fitting.md).
 LM_ITERATIONS = 40
 
 
@@ -290,8 +291,9 @@ def fit(
         ``fast`` only: at most this many Levenberg-Marquardt steps (curves stop earlier
         once converged).
     workers : int, optional
-        ``fast`` on the CPU only: threads fitting parts of each chunk, each with one torch
-        thread; default ``torch.get_num_threads()``.
+        ``fast`` on the CPU only: threads fitting parts of each chunk; default
+        ``torch.get_num_threads()``. With more than one, torch's thread count is set to 1
+        for the whole fit (and restored after it): each thread then runs one torch thread.
     tie_tolerance : float, optional
         ``fast`` only: local minima of the SSE over beta whose SSE lies within this
         fraction of the best count as tied, and the one nearest the paper's start is

@@ -21,8 +21,8 @@ import torch
 from kinpet.fastfit.linear import cone_gram, face_coefficients
 from kinpet.kinetics import KineticModel
 
-# (min, max, count), log-spaced, 1/min. 100 values (steps of 5.5 %) give, after the polish,
-# the same SSE as 200 on benchmarks/fitting.py at half the grid's cost.
+# (min, max, count), log-spaced, 1/min: steps of 5.5 %, fine enough that the polish ends
+# where a grid twice as fine would let it end (docs/fitting.md).
 DEFAULT_BETA_GRID = (0.02, 4.0, 100)
 FD_REL_STEP = 1e-4  # relative step of the central differences dE/dbeta, d2E/dbeta2
 TABLE_STEP = 0.01  # step in log beta of their table

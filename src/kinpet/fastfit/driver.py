@@ -22,8 +22,9 @@ from kinpet.kinetics import KineticModel
 LM_BLOCK = 4096  # curves per block of the start: its working arrays stay in cache
 # The first steps go block by block, the rest on the pool of curves not yet converged.
 LM_FIRST_STEPS = 2
-# A step costs ~1 ms of fixed overhead however few curves take it: fewer curves than this
-# wait for the next chunk's instead of stepping on their own.
+# A step costs a fixed overhead (an exact E and the Newton system: a few hundred tensor
+# operations) however few curves take it: fewer curves than this wait for the next
+# chunk's instead of stepping on their own.
 CARRY = 256
 
 

@@ -50,10 +50,9 @@ def choose_minimum(gain, yy, start_distance, tie_tolerance: float):
     volume. When their SSEs differ by less than ``tie_tolerance`` x SSE the data cannot
     tell them apart, and the one nearest (in log beta, ``start_distance`` [B]) to the
     paper's start k2 + k3 = 0.11 /min is taken: the minimum that the paper's curve_fit,
-    started there, usually descends into (on benchmarks/fitting.py, 9 of the 9 such
-    curves in 1,000). There, the median errors against the truth then match curve_fit's,
-    where the lowest SSE alone exceeds them by up to 6 % (noise CV 10-20 %). Otherwise,
-    and always where ``tie_tolerance`` is 0, the best beta of the grid is taken.
+    started there, usually descends into, so that the median errors against the truth
+    match curve_fit's (README, "Conventional fitting"). Otherwise, and always where
+    ``tie_tolerance`` is 0, the best beta of the grid is taken.
 
     Parameters
     ----------

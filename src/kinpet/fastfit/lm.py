@@ -10,10 +10,7 @@ its budget of steps is spent. One exact model evaluation per trial; the curves s
 active are gathered each step, so converged curves cost nothing further.
 
 A curve still going after :data:`LM_RESTART` steps starts again from the initial damping:
-by then its damping has often grown so large that its steps crawl. (On
-benchmarks/fitting.py's curves that need more than 15 steps, the restart ended lower
-than going on with the grown damping in 4 of 5 curves where the two differed by more
-than 1e-5 of the SSE.)
+by then its damping has often grown so large that its steps crawl (docs/fitting.md).
 """
 
 from __future__ import annotations
