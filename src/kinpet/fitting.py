@@ -18,11 +18,11 @@ One entry point, :func:`fit`, with two methods (docs/fitting.md):
     over beta has local minima tied within the noise, the one nearest the paper's start,
     where curve_fit usually ends) is refined by a parabola through its neighbours, the
     linear problem solved again there (exactly, at the exact E) and mapped back to
-    (K1, k2, k3, Vb) (only K1 may still need clipping). All curves are then polished together with
-    projected Levenberg-Marquardt on the full Hessian of the exact model (float64); most
-    have converged after the refinement and stop after one check. A grid search cannot
-    fall into the local minima that a single start can: it sees them all and chooses.
-    The code is the package :mod:`kinpet.fastfit`.
+    (K1, k2, k3, Vb) (only K1 may still need clipping). All curves are then polished
+    together with projected Levenberg-Marquardt on the full Hessian of the exact model
+    (float64); most have converged after the refinement and stop after one check. A
+    grid search cannot fall into the local minima that a single start can: it sees them
+    all and chooses. The code is the package :mod:`kinpet.fastfit`.
 
 Weights (``weights=``): ``"none"`` (the paper), ``"duration"`` (frame duration) or
 ``"duration_decay"``: duration x exp(-lambda t_mid) with lambda = ln 2 / 109.771 min
