@@ -32,11 +32,12 @@ ALL_FACES = (
     "a_lo", "ba_lo", "a_f", "ba_f",  # the grid's faces
     "0_lo", "b_lo", "a_hi", "ba_hi", "0_hi", "b_hi", "0_f", "b_f",
 )  # fmt: skip
-# The grid's scan evaluates only the faces with a free (U's weight) and p3 at its lower
-# bound or free: near the grid's chosen minimum the solution lies on one of them. Where
-# it lies elsewhere the grid reports a lower gain than the exact one, which only ever
-# happens at betas far from the chosen minimum (tests/test_fitting.py checks the choice
-# against all faces); the refined beta is solved exactly, on all faces.
+# The grid evaluates only the faces with a free (U's weight) and p3 at its lower bound or
+# free, a third of the work: near the best beta the solution nearly always lies on one of
+# them. Where it lies elsewhere the grid reports a lower gain than the exact one, which
+# moves the chosen beta of a few curves in a thousand (docs/fitting.md; tests/
+# test_fitting.py checks the bound and the choice against all faces). The refined beta is
+# solved exactly, on all faces.
 GRID_FACES = ALL_FACES[:4]
 
 
