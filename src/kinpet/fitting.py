@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from kinpet.fastfit import DEFAULT_BETA_GRID, fit_curves
+from kinpet.fastfit import beta_values as beta_values  # kept importable from here
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES, KineticModel
