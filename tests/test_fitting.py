@@ -12,14 +12,27 @@ import pytest
 import torch
 from scipy.optimize import curve_fit, lsq_linear, minimize
 
+import kinpet.fastfit.lm as fastfit_lm
 import kinpet.fitting as fitting
 from kinpet.cli import main
+from kinpet.fastfit import (
+    ALL_FACES,
+    GRID_FACES,
+    bounded_lsq,
+    choose_minimum,
+    face_coefficients,
+    grid_beta,
+    grid_gain,
+    linear_fit,
+    make_basis,
+    newton_system,
+)
+from kinpet.fastfit.basis import exact_e, model_from_e
 from kinpet.fitting import (
     STATUS_ALL_ZERO,
     STATUS_NONFINITE,
     STATUS_OK,
     STATUS_TOO_FEW_POSITIVE,
-    FastFitter,
     check_bounds,
     fit,
     frame_weights,
@@ -62,6 +75,14 @@ def noisy(curves, level, seed):
     return curves + rng.normal(size=curves.shape) * sd
 
 
+def basis_for(idif, w=None, bounds=None, **kw):
+    """The fast fitter's basis for the paper's frames (default weights and bounds)."""
+    w = frame_weights(FRAMES) if w is None else w
+    lo, hi = check_bounds(bounds)
+    kw.setdefault("tie_tolerance", fitting.default_tie_tolerance(w))
+    return make_basis(KineticModel(idif, FRAMES), w, lo, hi, start_beta=0.11, device="cpu", **kw)
+
+
 # -- noise-free curves give back their parameters ---------------------------------------------
 
 
@@ -93,49 +114,83 @@ def test_curve_fit_recovers_noise_free_parameters(idif):
 # -- the linear step is the exact bounded least-squares solution -----------------------------
 
 
-def test_linear_step_equals_scipy_bounded_least_squares(idif):
-    lo, hi = check_bounds()
-    w = frame_weights(FRAMES, "duration")
-    fitter = FastFitter(KineticModel(idif, FRAMES), w, lo, hi, beta_grid=[0.3], device="cpu")
+@pytest.mark.parametrize("vb_hi", [1.0 - 1e-9, 0.05])
+def test_linear_step_equals_scipy_bounded_least_squares(idif, vb_hi):
+    # The box problem in (p1, p2, p3) on I, E_beta and A: X1 = I, X2 = E. With Vb <= 0.05
+    # the faces with Vb on its upper bound are the solution for many curves.
+    basis = basis_for(idif, w=frame_weights(FRAMES, "duration"), beta_grid=[0.3])
     truth = interior_params(40, seed=2)
     truth[:10, 3] = 0.0  # Vb at its bound: faces with p3 = 0
     truth[10:20, 2] = 0.01  # small k3: p1 near 0
     y = noisy(irreversible_2tc(truth, idif, FRAMES), 0.5, seed=3)
-    y_w = torch.from_numpy(y) * fitter.sqrt_w
-    c1, c3, yy = y_w @ fitter.i_w, y_w @ fitter.a_w, (y_w * y_w).sum(1)
-    c2 = (y_w @ fitter.e_w.T)[:, 0]
-    n = y.shape[0]
-    sse, p = fitter._bounded_lsq(
-        c1, c2, c3, yy, fitter.ie.expand(n), fitter.ee.expand(n), fitter.ea.expand(n)
-    )
-    x = torch.stack([fitter.i_w, fitter.e_w[0], fitter.a_w], dim=1).numpy()
-    for k in range(n):
-        ref = lsq_linear(x, y_w[k].numpy(), bounds=([0, 0, lo[3]], [np.inf, np.inf, hi[3]]),
+    y_w = torch.from_numpy(y) * basis.sqrt_w
+    i_w, e_w, a_w = basis.i_w, basis.e_w[0], basis.a_w
+    k = face_coefficients(i_w @ i_w, i_w @ e_w, e_w @ e_w, i_w @ a_w, e_w @ a_w, a_w @ a_w)
+    gain, p = bounded_lsq(k, y_w @ i_w, y_w @ e_w, y_w @ a_w, 0.0, vb_hi, solution=True)
+    sse = (y_w * y_w).sum(1) - gain
+    x = torch.stack([i_w, e_w, a_w], dim=1).numpy()
+    on_upper = 0
+    for j in range(y.shape[0]):
+        ref = lsq_linear(x, y_w[j].numpy(), bounds=([0, 0, 0], [np.inf, np.inf, vb_hi]),
                          tol=1e-14, lsmr_tol="auto", max_iter=1000, method="bvls")  # fmt: skip
-        ref_sse = float(np.sum((y_w[k].numpy() - x @ ref.x) ** 2))
-        assert sse[k].item() == pytest.approx(ref_sse, rel=1e-7)
-        np.testing.assert_allclose([v[k].item() for v in p], ref.x, rtol=1e-5, atol=1e-9)
+        ref_sse = float(np.sum((y_w[j].numpy() - x @ ref.x) ** 2))
+        assert sse[j].item() == pytest.approx(ref_sse, rel=1e-7)
+        np.testing.assert_allclose([v[j].item() for v in p], ref.x, rtol=1e-5, atol=1e-9)
+        on_upper += ref.x[2] == pytest.approx(vb_hi)
+    assert on_upper >= (10 if vb_hi < 0.5 else 0)
+
+
+def test_linear_step_on_the_cone_equals_nnls(idif):
+    # On a cone (W, U) with Vb fixed at 0 the problem is nonnegative least squares on
+    # [W, U]: scipy's nnls. The grid's faces give the exact gain wherever they hold the
+    # solution and a lower one elsewhere (mostly at betas far from the best), never a
+    # higher one; the beta chosen from them is nearly always the one all faces choose
+    # (docs/fitting.md).
+    from scipy.optimize import nnls
+
+    basis = basis_for(idif)
+    y = noisy(irreversible_2tc(interior_params(60, seed=20), idif, FRAMES), 0.5, seed=21)
+    y_w = torch.from_numpy(y) * basis.sqrt_w
+    exact = grid_gain(basis, y_w, ALL_FACES)
+    grid = grid_gain(basis, y_w, GRID_FACES)
+    assert (grid <= exact * (1 + 1e-12) + 1e-12).all()
+    yy = (y_w * y_w).sum(1)
+    chosen = [
+        choose_minimum(g, yy, basis.start_distance, basis.tie_tolerance) for g in (grid, exact)
+    ]
+    assert (chosen[0] == chosen[1]).float().mean() >= 0.95
+    j = 25  # one beta; Vb fixed at 0 by its bounds
+    rho_lo, rho_hi = basis.rho_lo[j], basis.rho_hi[j]
+    w_curve = rho_hi * basis.i_w + (1 - rho_hi) * basis.e_w[j]
+    u_curve = rho_lo * basis.i_w + (1 - rho_lo) * basis.e_w[j]
+    x = torch.stack([w_curve, u_curve], dim=1).numpy()
+    k = face_coefficients(*(a @ b for a, b in [(w_curve, w_curve), (w_curve, u_curve),
+                          (u_curve, u_curve), (w_curve, basis.a_w), (u_curve, basis.a_w),
+                          (basis.a_w, basis.a_w)]))  # fmt: skip
+    gain = bounded_lsq(k, y_w @ w_curve, y_w @ u_curve, y_w @ basis.a_w, 0.0, 0.0)
+    for i in range(y.shape[0]):
+        _, residual = nnls(x, y_w[i].numpy())
+        assert gain[i].item() == pytest.approx((y_w[i] @ y_w[i]).item() - residual**2, rel=1e-9)
 
 
 def test_linear_step_with_k2_k3_bounds_equals_constrained_least_squares(idif):
     # At a fixed beta the bounds of k2 and k3 bound k3 / beta = p1 / (p1 + p2): linear
     # constraints on p. Reference: scipy's SLSQP on p with exactly these constraints.
     lo, hi = check_bounds()
-    fitter = FastFitter(KineticModel(idif, FRAMES), frame_weights(FRAMES), lo, hi, device="cpu")
+    basis = basis_for(idif)
     beta = 0.7
     truth = np.array([[0.65, 0.69, 0.01, 0.02], [0.3, 0.6, 0.1, 0.05], [0.5, 0.45, 0.25, 0.0]])
     truth[0, 2] = 0.004  # k3 below its bound: the bound is active at the solution
     y = noisy(irreversible_2tc(truth, idif, FRAMES), 0.3, seed=11)
-    y_w = torch.from_numpy(y) * fitter.sqrt_w
-    e = fitter._exact_e(torch.full((3,), beta, dtype=torch.float64))
-    sse, p = fitter._cone_lsq(
-        y_w @ fitter.i_w, (y_w * e).sum(1), y_w @ fitter.a_w, (y_w * y_w).sum(1),
-        e @ fitter.i_w, (e * e).sum(1), e @ fitter.a_w, torch.full((3,), beta, dtype=torch.float64),
-    )  # fmt: skip
+    y_w = torch.from_numpy(y) * basis.sqrt_w
+    betas = torch.full((3,), beta, dtype=torch.float64)
+    e = exact_e(basis, betas)
+    gain, p = linear_fit(basis, y_w, e, betas)
+    sse = (y_w * y_w).sum(1) - gain
     rho_lo = max(lo[2] / beta, 1 - hi[1] / beta)
     rho_hi = min(hi[2] / beta, 1 - lo[1] / beta)
     for k in range(3):
-        x = torch.stack([fitter.i_w, e[k], fitter.a_w], dim=1).numpy()
+        x = torch.stack([basis.i_w, e[k], basis.a_w], dim=1).numpy()
         yk = y_w[k].numpy()
         scale = float(yk @ yk)
         cons = [
@@ -158,11 +213,10 @@ def test_linear_step_with_k2_k3_bounds_equals_constrained_least_squares(idif):
 def test_refined_grid_beta_of_noise_free_curves(idif):
     # The vertex of the parabola through the grid's best gain and its neighbours lands
     # far closer to the true beta than the grid's 5.5 % spacing.
-    lo, hi = check_bounds()
-    fitter = FastFitter(KineticModel(idif, FRAMES), frame_weights(FRAMES), lo, hi, device="cpu")
+    basis = basis_for(idif)
     truth = interior_params(50, seed=12)
-    y_w = torch.from_numpy(irreversible_2tc(truth, idif, FRAMES)) * fitter.sqrt_w
-    beta = torch.exp(fitter._grid_search(y_w, (y_w * y_w).sum(1))).numpy()
+    y_w = torch.from_numpy(irreversible_2tc(truth, idif, FRAMES)) * basis.sqrt_w
+    beta = grid_beta(basis, y_w, (y_w * y_w).sum(1)).numpy()
     true_beta = truth[:, 1] + truth[:, 2]
     assert np.median(np.abs(beta / true_beta - 1)) < 2e-3
     assert np.max(np.abs(beta / true_beta - 1)) < 2e-2
@@ -171,10 +225,9 @@ def test_refined_grid_beta_of_noise_free_curves(idif):
 def test_tied_minima_resolve_to_the_one_nearest_the_start(idif):
     # Hand-made SSE profiles over the grid's betas: parabolas in log beta with their
     # minima exactly on grid points. yy = 100, so SSE = 100 - gain.
-    lo, hi = check_bounds()
-    model, w = KineticModel(idif, FRAMES), frame_weights(FRAMES)
-    fitter = FastFitter(model, w, lo, hi, device="cpu")
-    log_b = torch.log(fitter.betas)
+    w = frame_weights(FRAMES)
+    basis = basis_for(idif, w)
+    log_b = basis.log_betas
     near = lambda beta: int((log_b - math.log(beta)).abs().argmin())  # noqa: E731
 
     def profile(*minima):
@@ -191,12 +244,12 @@ def test_tied_minima_resolve_to_the_one_nearest_the_start(idif):
         profile((0.8, 99.0)),  # a single minimum
     ])  # fmt: skip
     yy = torch.full((4,), 100.0, dtype=torch.float64)
-    chosen = fitter._choose_minimum(gain, yy).tolist()
+    chosen = choose_minimum(gain, yy, basis.start_distance, tol).tolist()
     assert chosen == [near(0.3), near(3.0), near(0.04), near(0.8)]
-    strict = FastFitter(model, w, lo, hi, device="cpu", tie_tolerance=0.0)
-    assert strict._choose_minimum(gain, yy).tolist() == [near(3.0)] * 3 + [near(0.8)]
+    strict = choose_minimum(gain, yy, basis.start_distance, 0.0).tolist()
+    assert strict == [near(3.0)] * 3 + [near(0.8)]
     with pytest.raises(ValueError, match="tie_tolerance"):
-        FastFitter(model, w, lo, hi, tie_tolerance=-0.1)
+        fit(np.ones((1, len(FRAMES))), idif, FRAMES, tie_tolerance=-0.1)
 
 
 def test_tied_minima_on_noisy_curves_are_true_local_minima(idif):
@@ -230,19 +283,18 @@ def test_tied_minima_on_noisy_curves_are_true_local_minima(idif):
 def test_newton_system_matches_finite_differences(idif):
     # Gradient and full Hessian of SSE / 2, assembled from Gram matrices, against central
     # differences of the SSE of the exact model.
-    lo, hi = check_bounds()
-    fitter = FastFitter(KineticModel(idif, FRAMES), frame_weights(FRAMES), lo, hi, device="cpu")
+    basis = basis_for(idif)
     x = torch.tensor([[1.5, 1.69, 0.013, 0.127], [0.17, 1.27, 0.05, 0.11], [0.6, 0.3, 0.2, 0.02]],
                      dtype=torch.float64)  # fmt: skip
     y = noisy(irreversible_2tc(interior_params(3, seed=13), idif, FRAMES), 0.5, seed=14)
-    y_w = torch.from_numpy(y) * fitter.sqrt_w
+    y_w = torch.from_numpy(y) * basis.sqrt_w
 
     def half_sse(x):
-        r = y_w - fitter._model_from_e(x, fitter._exact_e(x[:, 1] + x[:, 2]))
+        r = y_w - model_from_e(basis, x, exact_e(basis, x[:, 1] + x[:, 2]))
         return 0.5 * (r * r).sum(1)
 
-    e = fitter._exact_e(x[:, 1] + x[:, 2])
-    hess, g, _ = fitter._newton_system(x, e, y_w - fitter._model_from_e(x, e))
+    e = exact_e(basis, x[:, 1] + x[:, 2])
+    hess, g, _ = newton_system(basis, x, e, y_w - model_from_e(basis, x, e))
     h = 1e-4 * x.abs()
     num_g = torch.zeros_like(g)
     num_h = torch.zeros_like(hess)
@@ -397,7 +449,7 @@ def test_early_stopping_matches_full_convergence(idif, monkeypatch):
                    * np.ones((20, 1)), 1.0, seed=17)  # k3 on its bound  # fmt: skip
     quick = fit(y, idif, FRAMES, lm_iterations=60)
     capped = fit(y, idif, FRAMES)
-    monkeypatch.setattr(fitting, "_LM_RTOL", 1e-14)
+    monkeypatch.setattr(fastfit_lm, "LM_RTOL", 1e-14)
     full = fit(y, idif, FRAMES, lm_iterations=60)
     assert quick.ok.all() and full.ok.all()
     np.testing.assert_allclose(quick.sse, full.sse, rtol=1e-6)
