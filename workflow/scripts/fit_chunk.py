@@ -5,13 +5,13 @@ The image is read from the subject's slab file (rule fit_slabs): only the chunk'
 
 import sys
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import read_label_table, write_slices
+from kinpet.io import KinpetInputError, read_label_table, write_slices
+from kinpet.readers import read_volume, script_log
 from kinpet.voxelfit import (
     MAP_NAMES,
     chunk_bounds,
@@ -21,11 +21,11 @@ from kinpet.voxelfit import (
     read_slab,
 )
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 torch.set_num_threads(sm.threads)
 method, chunk = sm.wildcards.method, int(sm.wildcards.chunk)
-labels = np.asarray(nib.load(sm.input.labels).dataobj)
+labels = read_volume(sm.input.labels, ndim=3)
 z0, z1 = chunk_bounds(labels.shape[2], sm.params.chunks, chunk)
 spec = sm.params.slices  # the reference method's configured slices; "all" for the fast fitter
 figure_z = (
@@ -36,7 +36,7 @@ frames = FrameSchedule.from_bids_json(sm.input.pet_json)
 inp = InputFunction.from_blood_tsv(sm.input.blood)
 pet = read_slab(sm.input.slabs, z0, z1)
 if pet.shape[:3] != (*labels.shape[:2], z1 - z0):
-    raise ValueError(f"{sm.input.slabs}: slices of shape {pet.shape} do not match the labels")
+    raise KinpetInputError(f"{sm.input.slabs}: slices of shape {pet.shape} do not match the labels")
 mask = labels[:, :, z0:z1] > 0  # the body; outside it the maps stay NaN
 options = {"weights": sm.params.weights, "sampling": sm.params.sampling}
 if method == "curve_fit":

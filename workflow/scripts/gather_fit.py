@@ -2,21 +2,21 @@
 
 import sys
 
-import nibabel as nib
 import numpy as np
 
 from kinpet.io import write_nifti
+from kinpet.readers import read_nifti_header, read_npz, script_log
 from kinpet.voxelfit import MAP_NAMES, gather_chunks
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
-pet = nib.load(sm.input.pet)
+pet = read_nifti_header(sm.input.pet)
 chunks, bounds, voxels = [], [], 0
 for path in sm.input.chunks:
-    with np.load(path) as data:
-        chunks.append(data["maps"])
-        bounds.append(tuple(int(z) for z in data["z"]))
-        voxels += int(data["voxels"])
+    data = read_npz(path, keys=("maps", "z", "voxels"))
+    chunks.append(data["maps"])
+    bounds.append(tuple(int(z) for z in data["z"]))
+    voxels += int(data["voxels"])
 volume = gather_chunks(chunks, bounds, pet.shape[:3])
 for index, (name, path) in enumerate(zip(MAP_NAMES, sm.output.maps, strict=True)):
     assert f"desc-{name}_" in path
