@@ -144,19 +144,32 @@ def small_subject(seed, size=16):
     return (slices + rng.normal(0, 0.5, slices.shape)).astype(np.float32)
 
 
-@pytest.mark.slow
-def test_projected_network_loss_prediction_and_refinement():
+def network_and_loss(slices, **options):
+    """A seeded projection network on the two slices of ``slices`` and its training loss:
+    (settings, data, network, rows, frame weights, loss)."""
     torch.set_num_threads(2)
-    slices = small_subject(4)
     settings = TrainSettings(
-        activation="sigmoid", scaling="input", projection=True, batch_size=2, learning_rate=1e-3
+        activation="sigmoid", scaling="input", projection=True, batch_size=2, **options
     )
     data = SliceSet.from_subjects([slices], [INPUT], FRAMES, scaling="input")
     torch.manual_seed(0)
     net = build_model(settings)
     rows = torch.arange(2)
     weights = loss_weights(FRAMES, settings, "cpu")
-    loss = training_loss(net, data.tacs, rows, data, settings, weights)
+    return (
+        settings,
+        data,
+        net,
+        rows,
+        weights,
+        training_loss(net, data.tacs, rows, data, settings, weights),
+    )
+
+
+@pytest.mark.slow
+def test_projected_network_loss_prediction_and_refinement():
+    slices = small_subject(4)
+    settings, data, net, rows, weights, loss = network_and_loss(slices, learning_rate=1e-3)
     # By hand: the network's beta, the rest solved per pixel, the masked MSE.
     with torch.no_grad():
         x = torch.nn.functional.pad(data.tacs.unsqueeze(1), (0, 0, 0, 0, 1, 1))
@@ -225,17 +238,8 @@ def test_newton_loss_trains_toward_the_fitted_beta_and_needs_projection():
     refused."""
     with pytest.raises(ValueError, match="needs projection"):
         TrainSettings(loss="newton", projection=False)
-    torch.set_num_threads(2)
     slices = small_subject(5)
-    settings = TrainSettings(
-        activation="sigmoid", scaling="input", projection=True, loss="newton", batch_size=2
-    )
-    data = SliceSet.from_subjects([slices], [INPUT], FRAMES, scaling="input")
-    torch.manual_seed(0)
-    net = build_model(settings)
-    rows = torch.arange(2)
-    weights = loss_weights(FRAMES, settings, "cpu")
-    loss = training_loss(net, data.tacs, rows, data, settings, weights)
+    settings, data, net, rows, weights, loss = network_and_loss(slices, loss="newton")
     # By hand: the network's log beta against one Newton step on each masked pixel.
     with torch.no_grad():
         x = torch.nn.functional.pad(data.tacs.unsqueeze(1), (0, 0, 0, 0, 1, 1))
