@@ -44,14 +44,8 @@ from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, KineticModel, irreversible
 FRAMES = FrameSchedule.paper()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on a shared, oversubscribed 2-core machine, OpenMP threads that
-    wait for each other make the many small tensor operations here ~10x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# One torch thread for every test here (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ the sampling: paper model of kinpet.kinetics, and known parameters of noise-free
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy.optimize import curve_fit
 
 from kinpet.cli import main
@@ -27,12 +26,8 @@ TRUE = np.array(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# One torch thread for every test here (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
