@@ -174,6 +174,13 @@ def coefficients_to_parameters(c, beta, lower=PAPER_LOWER, upper=PAPER_UPPER):
     return torch.minimum(torch.maximum(params, lo), hi)
 
 
+def beta_range(lower=PAPER_LOWER, upper=PAPER_UPPER) -> tuple[float, float]:
+    """The range (1/min) of beta = k2 + k3 that :func:`project` solves in: just above the
+    sum of the k2 and k3 lower bounds (where the tissue's split is still defined), up to the
+    sum of their upper bounds."""
+    return (lower[1] + lower[2]) * (1 + 1e-6), upper[1] + upper[2]
+
+
 def project(beta, tacs, model: KineticModel, weights=None, lower=PAPER_LOWER, upper=PAPER_UPPER):
     """Parameters K1, k2, k3, Vb [N, 4] that best fit curves ``tacs`` [N, T] at ``beta`` [N].
 
@@ -181,9 +188,8 @@ def project(beta, tacs, model: KineticModel, weights=None, lower=PAPER_LOWER, up
     ([T]) are the frame weights of the fit. beta is first clipped into
     (k2_lo + k3_lo, k2_hi + k3_hi). Returns float64.
     """
-    beta = beta.double()
-    floor = (lower[1] + lower[2]) * (1 + 1e-6)
-    beta = torch.clamp(beta, min=floor, max=upper[1] + upper[2])
+    floor, ceiling = beta_range(lower, upper)
+    beta = torch.clamp(beta.double(), min=floor, max=ceiling)
     tacs = tacs.double()
     basis = model.basis(beta)
     c = solve_linear(beta, tacs, basis, None if weights is None else weights.double(), lower)
@@ -238,8 +244,7 @@ def newton_log_beta(beta, tacs, model: KineticModel, weights=None, h=0.05, max_s
     torch.Tensor, shape [N], float64
         The log beta after the step, within the bounds of beta (:func:`project`).
     """
-    floor = (PAPER_LOWER[1] + PAPER_LOWER[2]) * (1 + 1e-6)
-    ceiling = PAPER_UPPER[1] + PAPER_UPPER[2]
+    floor, ceiling = beta_range()
     u = torch.log(beta.double().clamp(min=floor, max=ceiling))
     lo = torch.log(torch.tensor(floor * (1 + 1e-6), dtype=u.dtype, device=u.device))
     hi = torch.log(torch.tensor(ceiling, dtype=u.dtype, device=u.device))

@@ -345,6 +345,13 @@ def loss_weights(frames: FrameSchedule, settings: TrainSettings, device) -> torc
     return torch.as_tensor(weights).to(device)
 
 
+def batch_mask(meas, rows, data: SliceSet, settings: TrainSettings) -> torch.Tensor:
+    """The activity mask [B, H, W] of a training batch ``meas`` (scaled as ``data``): the
+    threshold applies to the curves in kBq/ml."""
+    scale = data.slice_scales(rows).to(meas.device).view(-1, 1, 1, 1)
+    return activity_mask(meas * scale, data.frames, settings.mask_threshold, settings.mask_auc)
+
+
 def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights):
     """The self-supervised loss of one batch ``meas`` ([B, T, H, W], on the model's device;
     the slices ``rows`` of ``data``, scaled as ``data``): masked, frame-weighted MSE
@@ -355,9 +362,7 @@ def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, we
     # The paper pads time with zeros in training, replicated frames in validation.
     params = network_parameters(model, meas, rows, data, settings, weights, "zeros")
     pred = model_tacs(params, data.subject[rows], data.models)
-    scale = data.slice_scales(rows).to(meas.device).view(-1, 1, 1, 1)
-    mask = activity_mask(meas * scale, data.frames, settings.mask_threshold, settings.mask_auc)
-    return masked_mse(pred, meas, mask, weights)
+    return masked_mse(pred, meas, batch_mask(meas, rows, data, settings), weights)
 
 
 def newton_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights):
@@ -367,8 +372,7 @@ def newton_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weig
     gradient)."""
     raw = _forward(model, meas, meas.device, settings.amp, "zeros")
     beta = raw[:, 1] + raw[:, 2]  # [B, H, W]
-    scale = data.slice_scales(rows).to(meas.device).view(-1, 1, 1, 1)
-    mask = activity_mask(meas * scale, data.frames, settings.mask_threshold, settings.mask_auc)
+    mask = batch_mask(meas, rows, data, settings)
     target = torch.zeros(beta.shape, dtype=torch.float64, device=beta.device)
     with torch.no_grad():
         for s, r in subject_rows(data.subject[rows], meas.device):
