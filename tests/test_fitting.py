@@ -640,3 +640,70 @@ def test_fit_tacs_refuses_an_input_column_of_zeros(real_tacs_path, tmp_path, cap
     table.to_csv(path, sep="\t", index=False)
     code, _, err = run_cli(["fit-tacs", "--tsv", str(path)], capsys)
     assert code == 2 and f"{path}:aorta_bq_per_ml: the input function is zero everywhere" in err
+
+
+# -- fixed parameters (lower = upper, or fixed=) ------------------------------------------------
+
+
+@pytest.mark.parametrize("name, index", [("Vb", 3), ("k3", 2), ("K1", 0)])
+def test_fixed_parameters_are_held_and_the_others_fitted(idif, name, index):
+    """A parameter held at its true value: both methods give back the others from
+    noise-free curves; on noisy ones the fast fitter's SSE is at most curve_fit's + 0.1 %,
+    and curve_fit's fit equals scipy's own fit of the reduced model, written here."""
+    truth = interior_params(6, seed=31)
+    clean = irreversible_2tc(truth, idif, FRAMES)
+    for i, row in enumerate(truth):
+        value = float(row[index])
+        for method in ("fast", "curve_fit"):
+            r = fit(clean[i], idif, FRAMES, method=method, fixed={name: value})
+            assert r.ok[0] and r.params[0, index] == value, method
+            np.testing.assert_allclose(r.params[0], row, rtol=2e-3, err_msg=method)
+    curves = noisy(clean, 0.3, seed=32)
+    value = 0.05 if name == "Vb" else float(np.median(truth[:, index]))
+    fast = fit(curves, idif, FRAMES, method="fast", fixed={name: value})
+    slow = fit(curves, idif, FRAMES, method="curve_fit", fixed={name: value})
+    assert (fast.params[:, index] == value).all() and (slow.params[:, index] == value).all()
+    assert (fast.sse <= slow.sse * 1.001).all()
+    model = KineticModel(idif, FRAMES)
+    lo, hi = np.array(PAPER_LOWER, float), np.array(PAPER_UPPER, float)
+    hi[3] = 1 - 1e-9
+    free = [j for j in range(4) if j != index]
+
+    def reduced(_x, *q):
+        p = np.insert(np.array(q), index, value)
+        return model(p)
+
+    for i in range(2):
+        q, _ = curve_fit(reduced, np.arange(len(FRAMES)), curves[i],
+                         p0=np.clip(fitting.PAPER_P0, lo, hi)[free],
+                         bounds=(lo[free], hi[free]), diff_step=0.001)  # fmt: skip
+        np.testing.assert_allclose(slow.params[i, free], q, rtol=1e-12)
+
+
+def test_fixed_equals_lower_equal_upper_and_names_are_checked(idif):
+    curves = noisy(irreversible_2tc(interior_params(3, seed=33), idif, FRAMES), 0.3, seed=34)
+    lo, hi = list(PAPER_LOWER), list(PAPER_UPPER)
+    lo[3] = hi[3] = 0.04
+    for method in ("fast", "curve_fit"):
+        a = fit(curves, idif, FRAMES, method=method, fixed={"Vb": 0.04})
+        b = fit(curves, idif, FRAMES, method=method, bounds=(lo, hi))
+        np.testing.assert_array_equal(a.params, b.params)
+    every = dict(zip(("K1", "k2", "k3", "Vb"), (0.5, 0.4, 0.1, 0.05), strict=True))
+    r = fit(curves, idif, FRAMES, method="curve_fit", fixed=every)
+    np.testing.assert_array_equal(r.params, np.tile([0.5, 0.4, 0.1, 0.05], (3, 1)))
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['vb'\]"):
+        fit(curves, idif, FRAMES, fixed={"vb": 0.05})
+
+
+def test_fit_tacs_fixed_parameters(real_tacs_path, tmp_path, capsys):
+    out = tmp_path / "fixed.tsv"
+    args = ["fit-tacs", "--tsv", str(real_tacs_path), "--method", "curve_fit",
+            "--fixed", "Vb=0.05", "--fixed", "k3=0.06", "-o", str(out)]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    table = pd.read_csv(out, sep="\t")
+    assert (table.Vb == 0.05).all() and (table.k3 == 0.06).all() and table.ok.all()
+    code, _, err = run_cli([*args[:-2], "--fixed", "Vb", "-o", str(out)], capsys)
+    assert code == 2 and "--fixed 'Vb': expected NAME=VALUE" in err
+    code, _, err = run_cli([*args[:-2], "--fixed", "V_b=0.1", "-o", str(out)], capsys)
+    assert code == 2 and "unknown parameter(s) ['V_b']" in err

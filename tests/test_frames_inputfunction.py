@@ -54,6 +54,25 @@ def test_bad_sidecars_name_the_file(tmp_path, meta, message):
     assert str(path) in str(err.value)
 
 
+def test_schedules_in_minutes_with_7_significant_digits_load():
+    """Starts and ends written in minutes to 7 significant digits, as kinfitr's and PETPAL's
+    tables carry them: neighbouring frames then overlap or gap by rounding, which is
+    accepted; a schedule shifted by a whole 2-s frame is not."""
+    paper = FrameSchedule.paper()
+    starts_min = np.array([float(f"{x:.7g}") for x in paper.starts_min])
+    ends_min = np.array([float(f"{x:.7g}") for x in paper.ends_s / 60.0])
+    frames = FrameSchedule(starts_min * 60.0, (ends_min - starts_min) * 60.0)
+    np.testing.assert_allclose(frames.starts_s, paper.starts_s, atol=1e-3)
+    # Durations rounded on their own (0.03333333 min for 2 s) accumulate: a 6-ms overlap
+    # between 2-s frames (0.3 % of a frame) is rounding too.
+    starts = paper.starts_s.copy()
+    starts[10] -= 0.006
+    FrameSchedule(starts, paper.durations_s)
+    starts[10] -= 0.1  # 106 ms: 5 % of the 2-s frames
+    with pytest.raises(FrameScheduleError, match=r"0.106 s before frame 9 ends .* 0.02 s"):
+        FrameSchedule(starts, paper.durations_s)
+
+
 def test_unreadable_sidecar(tmp_path):
     path = tmp_path / "bad_pet.json"
     path.write_text("{not json")

@@ -451,10 +451,17 @@ def test_tiny_runtime_table_recomputed(tiny_run):
             pd.read_csv(bench / f"fit_chunk/{method}/sub-04/chunk-{c}.tsv", sep="\t")["s"].iloc[0]
             for c in range(3)
         )
-        fitted = 0
+        fitted, fit_s = 0, 0.0
         for c in range(3):
             with np.load(tiny_run / f"results/fit/{method}/sub-04/chunk-{c}.npz") as data:
-                fitted += int(data["voxels"])
+                voxels = int(data["voxels"])
+                assert "fit_seconds" not in data  # the maps' file holds no wall time
+            fitted += voxels
+            fit_time = pd.read_csv(bench / f"fit_time/{method}/sub-04/chunk-{c}.tsv", sep="\t")
+            assert int(fit_time["voxels"].iloc[0]) == voxels
+            fit_s += fit_time["fit_s"].iloc[0]
+        assert table.loc[method, "fit_s_per_voxel"] == pytest.approx(fit_s / fitted)
+        assert table.loc[method, "job_over_fit"] == pytest.approx(seconds / fit_s)
         per_voxel = seconds / fitted
         per_slice = per_voxel * body.sum() / body.any(axis=(0, 1)).sum()
         per_body[method] = per_voxel * body.sum()

@@ -122,6 +122,7 @@ def cmd_fit_tacs(args) -> None:
     )
 
     _check_outputs(args)
+    fixed = _parse_fixed(args.fixed)
     tissue_cols = [c.strip() for c in args.tissue_cols.split(",")] if args.tissue_cols else None
     frames = None
     if args.pet_json or args.blood_tsv:
@@ -148,7 +149,13 @@ def cmd_fit_tacs(args) -> None:
     # The pipeline's rule (kinpet.io.read_pet_bids): an input that stops early is an error.
     inp.check_covers(frames, strict=True)
     result = fit(
-        curves, inp, frames, method=args.method, weights=args.weights, sampling=args.sampling
+        curves,
+        inp,
+        frames,
+        method=args.method,
+        weights=args.weights,
+        sampling=args.sampling,
+        fixed=fixed,
     )
     for i in flag_negative(result, curves, NEGATIVE_TOLERANCE):
         low, high = np.nanmin(curves[i]), np.nanmax(curves[i])
@@ -169,6 +176,20 @@ def cmd_fit_tacs(args) -> None:
         from kinpet.figures import save_figure
 
         save_figure(figure, args.plot, dpi=120)
+
+
+def _parse_fixed(items) -> dict:
+    """``["Vb=0.05", ...]`` -> ``{"Vb": 0.05}``; a clear error for anything else."""
+    fixed = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            fixed[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--fixed {item!r}: expected NAME=VALUE, e.g. --fixed Vb=0.05")
+    return fixed
 
 
 def _fit_figure(frames, inp, names, curves, result):
@@ -313,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="frame weights: none (paper), duration, duration x F-18 decay at mid-frame",
     )
     p.add_argument("--sampling", choices=("average", "mid", "paper"), default="average")
+    p.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="hold a parameter (K1, k2, k3, Vb) at a value, e.g. --fixed Vb=0.05; repeatable",
+    )
     p.add_argument("-o", "--output", help="write the table here (.tsv or .csv), else stdout")
     p.add_argument("--plot", help="write a figure of measured vs fitted curves (.png, .pdf)")
     p.set_defaults(func=cmd_fit_tacs)

@@ -241,6 +241,43 @@ def flag_negative(result: FitResult, tacs, tolerance: float) -> np.ndarray:
     return np.flatnonzero(bad)
 
 
+def with_fixed(bounds, fixed) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds (:func:`check_bounds`) with the parameters named in ``fixed`` held at their
+    value (lower = upper), e.g. ``{"Vb": 0.05}``."""
+    lo, hi = check_bounds(bounds)
+    if not fixed:
+        return lo, hi
+    unknown = sorted(set(fixed) - set(PARAMETER_NAMES))
+    if unknown:
+        raise ValueError(f"fixed: unknown parameter(s) {unknown}; known: {list(PARAMETER_NAMES)}")
+    lo, hi = lo.copy(), hi.copy()
+    for name, value in fixed.items():
+        i = PARAMETER_NAMES.index(name)
+        lo[i] = hi[i] = float(value)
+    return check_bounds((lo, hi))
+
+
+def bounded_curve_fit(model_of, x, y, p0, lo, hi, **options) -> np.ndarray:
+    """:func:`scipy.optimize.curve_fit` of ``model_of(x, params[4])`` within bounds, with
+    the parameters whose lower bound equals the upper held there and left out of the
+    problem (scipy needs lower < upper). Raises what curve_fit raises."""
+    from scipy.optimize import curve_fit
+
+    free = lo < hi
+    full = np.array(lo, dtype=np.float64)
+    if not free.any():
+        return full
+
+    def model(x, *q):
+        p = full.copy()
+        p[free] = q
+        return model_of(x, p)
+
+    q, _ = curve_fit(model, x, y, p0=p0[free], bounds=(lo[free], hi[free]), **options)
+    full[free] = q
+    return full
+
+
 def _ki(params):
     return params[..., 0] * params[..., 2] / (params[..., 1] + params[..., 2])
 
@@ -261,6 +298,7 @@ def fit(
     lm_iterations: int = LM_ITERATIONS,
     workers: int | None = None,
     tie_tolerance: float | None = None,
+    fixed=None,
 ) -> FitResult:
     """Fit the irreversible two-tissue model to many curves.
 
@@ -303,6 +341,10 @@ def fit(
         fitted (see :func:`kinpet.fastfit.grid.choose_minimum`); default
         :func:`default_tie_tolerance` (1/58 for 62 frames); 0 always takes the lowest SSE.
 
+    fixed : mapping, optional
+        Parameters held at a value and left out of the fit, e.g. ``{"Vb": 0.05}``; the
+        same as lower = upper in ``bounds`` (which works too). Names: K1, k2, k3, Vb.
+
     Returns
     -------
     FitResult
@@ -312,7 +354,9 @@ def fit(
     if method == "curve_fit_paper":  # the published organ fit: kinpet.paperfit
         from kinpet.paperfit import fit_curve_fit_paper
 
-        return fit_curve_fit_paper(tacs, input_function, frames, weights, bounds, n_jobs=n_jobs)
+        return fit_curve_fit_paper(
+            tacs, input_function, frames, weights, with_fixed(bounds, fixed), n_jobs=n_jobs
+        )
     y = np.asarray(tacs)
     single = y.ndim == 1
     if single:
@@ -322,7 +366,7 @@ def fit(
     if not np.issubdtype(y.dtype, np.floating):
         y = y.astype(np.float64)
     w = frame_weights(frames, weights)
-    lo, hi = check_bounds(bounds)
+    lo, hi = with_fixed(bounds, fixed)
     model = KineticModel(input_function, frames, sampling)
     # A zero input makes every linear step singular: say so instead of a LinAlgError.
     input_function.check_not_zero()
@@ -381,15 +425,15 @@ def _curve_fit_init(input_function, frames, sampling, w, lo, hi):
 
 
 def _curve_fit_block(block: np.ndarray):
-    from scipy.optimize import OptimizeWarning, curve_fit
+    from scipy.optimize import OptimizeWarning
 
     model, sigma, w, lo, hi = (_WORKER[k] for k in ("model", "sigma", "w", "lo", "hi"))
     x_dummy = np.arange(block.shape[1], dtype=np.float64)
     # Zero-weight frames cannot enter as sigma = inf; leave them out of the residuals.
     use = w > 0
 
-    def f(_x, k1, k2, k3, vb):
-        return model(np.array([k1, k2, k3, vb]))[use]
+    def f(_x, p):
+        return model(p)[use]
 
     p0 = np.clip(PAPER_P0, lo, hi)
     params = np.full((block.shape[0], 4), np.nan)
@@ -398,13 +442,14 @@ def _curve_fit_block(block: np.ndarray):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OptimizeWarning)
-                p, _ = curve_fit(
+                p = bounded_curve_fit(
                     f,
                     x_dummy[use],
                     y[use],
-                    p0=p0,
+                    p0,
+                    lo,
+                    hi,
                     sigma=None if sigma is None else sigma[use],
-                    bounds=(lo, hi),
                     diff_step=0.001,
                 )
         except (RuntimeError, ValueError):

@@ -12,9 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-# Rounding slack when checking that frames do not overlap: PET-BIDS sidecars often
-# carry start times rounded to milliseconds.
-_OVERLAP_TOLERANCE_S = 1e-3
+# Rounding slack when checking that frames do not overlap: PET-BIDS sidecars often carry
+# start times rounded to milliseconds, and tables in minutes with 7 significant digits
+# (kinfitr's, PETPAL's) make neighbouring frames overlap by a few ms. An overlap up to 1 ms
+# or 1 % of the shorter of the two frames is rounding; more is a wrong schedule.
+OVERLAP_TOLERANCE_S = 1e-3
+OVERLAP_TOLERANCE_REL = 1e-2
+
+
+def overlap_tolerance_s(durations_s) -> np.ndarray:
+    """The overlap allowed between each frame and the next (s), shape [n_frames - 1]."""
+    d = np.asarray(durations_s, dtype=np.float64)
+    return np.maximum(OVERLAP_TOLERANCE_S, OVERLAP_TOLERANCE_REL * np.minimum(d[:-1], d[1:]))
+
 
 # The paper's Biograph Vision Quadra protocol (De Benetti et al. 2023, Sec. 2.4), in
 # the order of the published code: 2x10 s, 30x2 s, 4x10 s, 8x30 s, 4x60 s, 5x120 s, 9x300 s.
@@ -86,12 +96,17 @@ class FrameSchedule:
                 f"{where}frame {bad} starts before injection ({starts[bad]} s)"
             )
         ends = starts + durations
-        overlap = starts[1:] < ends[:-1] - _OVERLAP_TOLERANCE_S
+        tolerance = overlap_tolerance_s(durations)
+        overlap = starts[1:] < ends[:-1] - tolerance
         if np.any(overlap):
             bad = int(np.flatnonzero(overlap)[0]) + 1
+            by = ends[bad - 1] - starts[bad]
             raise FrameScheduleError(
-                f"{where}frame {bad} starts at {starts[bad]} s, before frame {bad - 1} ends "
-                f"at {ends[bad - 1]} s: frames must be ordered and must not overlap"
+                f"{where}frame {bad} starts at {starts[bad]:.6g} s, {by:.6g} s before frame "
+                f"{bad - 1} ends at {ends[bad - 1]:.6g} s (allowed as rounding: "
+                f"{tolerance[bad - 1]:.3g} s, the larger of {OVERLAP_TOLERANCE_S * 1e3:g} ms and "
+                f"{OVERLAP_TOLERANCE_REL:.0%} of the shorter frame): frames must be ordered and "
+                "must not overlap"
             )
         starts.setflags(write=False)
         durations.setflags(write=False)

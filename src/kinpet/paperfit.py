@@ -35,6 +35,7 @@ from kinpet.fitting import (
     STATUS_FAILED,
     STATUS_OK,
     FitResult,
+    bounded_curve_fit,
     check_bounds,
     screen_curves,
 )
@@ -144,19 +145,20 @@ class PaperOrganModel:
             Sum over the frames of (tac - model at the frame starts)^2, (kBq/ml)^2, on the
             scale of the other methods' SSE (the objective itself sums over grid points).
         """
-        from scipy.optimize import OptimizeWarning, curve_fit
+        from scipy.optimize import OptimizeWarning
 
         target = self.tac_on_grid(tac)
         p0 = np.clip(PAPER_P0, lower, upper)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OptimizeWarning)
-                p, _ = curve_fit(
-                    lambda _t, k1, k2, k3, vb: self.on_grid((k1, k2, k3, vb)),
+                p = bounded_curve_fit(
+                    lambda _t, params: self.on_grid(params),
                     self.grid,
                     target,
-                    p0=p0,
-                    bounds=(lower, upper),
+                    p0,
+                    lower,
+                    upper,
                     diff_step=PAPER_DIFF_STEP,
                 )
         except (RuntimeError, ValueError):

@@ -133,7 +133,7 @@ rule figure4:
         "../scripts/figure4.py"
 
 
-FIT_BENCHMARKS, FIT_CHUNKS = (
+FIT_BENCHMARKS, FIT_TIMES = (
     keyed(
         pattern,
         method=FIT["methods"],
@@ -142,7 +142,7 @@ FIT_BENCHMARKS, FIT_CHUNKS = (
     )
     for pattern in (
         "results/benchmarks/fit_chunk/{method}/{subject}/chunk-{chunk}.tsv",
-        "results/fit/{method}/{subject}/chunk-{chunk}.npz",
+        "results/benchmarks/fit_time/{method}/{subject}/chunk-{chunk}.tsv",
     )
 )
 
@@ -151,7 +151,7 @@ rule runtime_table:
     input:
         predict=leaves(test_files(f"results/benchmarks/predict/{BEST}/{{subject}}.tsv")),
         fit_benchmarks=leaves(FIT_BENCHMARKS),
-        chunks=leaves(FIT_CHUNKS),
+        fit_times=leaves(FIT_TIMES),
         labels=leaves(test_files(TEST_LABELS)),
     output:
         csv=report(
@@ -168,7 +168,7 @@ rule runtime_table:
     params:
         predict=test_files(f"results/benchmarks/predict/{BEST}/{{subject}}.tsv"),
         fit_benchmarks=FIT_BENCHMARKS,
-        chunks=FIT_CHUNKS,
+        fit_times=FIT_TIMES,
         labels=test_files(TEST_LABELS),
         threads=lambda wildcards: {
             "network": job_threads("predict"),

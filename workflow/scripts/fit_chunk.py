@@ -6,11 +6,12 @@ The image is read from the subject's slab file (rule fit_slabs): only the chunk'
 import sys
 
 import numpy as np
+import pandas as pd
 import torch
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import KinpetInputError, read_label_table, write_slices
+from kinpet.io import KinpetInputError, atomic_path, read_label_table, write_slices
 from kinpet.readers import read_volume, script_log
 from kinpet.voxelfit import (
     MAP_NAMES,
@@ -46,13 +47,10 @@ maps, n = fit_chunk(
     pet, mask, 0, z1 - z0, covered[z0:z1], inp, frames, method, timing=timing, **options
 )
 write_slices(
-    sm.output[0],
-    maps=maps,
-    z=np.array([z0, z1]),
-    voxels=np.array(n),
-    names=np.array(MAP_NAMES),
-    fit_seconds=np.array(timing["fit_s"]),  # the fitter's own wall time (runtime table)
+    sm.output.maps, maps=maps, z=np.array([z0, z1]), voxels=np.array(n), names=np.array(MAP_NAMES)
 )
+with atomic_path(sm.output.fit_time) as tmp:  # the fitter's own wall time (runtime table)
+    pd.DataFrame({"voxels": [n], "fit_s": [timing["fit_s"]]}).to_csv(tmp, sep="\t", index=False)
 print(
     f"{method} chunk {chunk}: slices {z0}-{z1}, {n} voxels fitted in {timing['fit_s']:.3f} s",
     file=sys.stderr,

@@ -8,11 +8,11 @@ import pandas as pd
 
 from kinpet.evaluation import body_voxel_counts, markdown_table, runtime_table
 from kinpet.io import KinpetInputError, atomic_path
-from kinpet.readers import read_npz, read_table, read_volume, script_log
+from kinpet.readers import read_table, read_volume, script_log
 
 script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
-methods = list(sm.params.chunks)  # keyed by method, subject, chunk
+methods = list(sm.params.fit_times)  # keyed by method, subject, chunk
 
 
 def wall_seconds(path) -> float:
@@ -34,13 +34,13 @@ network = pd.DataFrame(
 )
 rows = []
 for method in methods:
-    for subject, chunks in sm.params.chunks[method].items():
+    for subject, chunks in sm.params.fit_times[method].items():
         seconds, fitted, fit_seconds = 0.0, 0, 0.0
         for chunk, path in chunks.items():
             seconds += wall_seconds(sm.params.fit_benchmarks[method][subject][chunk])
-            chunk_data = read_npz(path, keys=("voxels", "fit_seconds"))
-            fitted += int(chunk_data["voxels"])
-            fit_seconds += float(chunk_data["fit_seconds"])  # the fitter's own time in the job
+            fit_time = read_table(path, required_columns=("voxels", "fit_s"))
+            fitted += int(fit_time["voxels"].iloc[0])
+            fit_seconds += float(fit_time["fit_s"].iloc[0])  # the fitter's own time in the job
         rows.append(
             {
                 "method": method,
