@@ -156,6 +156,7 @@ def cmd_fit_tacs(args) -> None:
         weights=args.weights,
         sampling=args.sampling,
         fixed=fixed,
+        delay_bounds_s=args.fit_delay,
     )
     for i in flag_negative(result, curves, NEGATIVE_TOLERANCE):
         low, high = np.nanmin(curves[i]), np.nanmax(curves[i])
@@ -204,14 +205,18 @@ def _fit_figure(frames, inp, names, curves, result):
     n = len(names)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
     t = frames.mids_min
-    rows = zip(axes[0], names, curves, result.params, result.reasons(), strict=True)
-    for ax, name, y, p, reason in rows:
+    delays = np.zeros(n) if result.delay_s is None else result.delay_s
+    rows = zip(axes[0], names, curves, result.params, result.reasons(), delays, strict=True)
+    for ax, name, y, p, reason, delay in rows:
         ax.plot(t, y, "o", ms=4, label="measured")
         if np.isfinite(p).all():  # flagged fits (e.g. negative curves) are drawn too
-            fitted = irreversible_2tc(p, inp, frames, sampling=result.sampling)
+            fitted = irreversible_2tc(p, inp.delayed(delay), frames, sampling=result.sampling)
             ax.plot(t, fitted, "-", label="fitted")
             flag = "" if reason == "ok" else f" ({reason})"
-            ax.set_title(f"{name}{flag}\nK1={p[0]:.3g} k2={p[1]:.3g} k3={p[2]:.3g} Vb={p[3]:.2g}")
+            shift = "" if result.delay_s is None else f" delay={delay:.1f} s"
+            ax.set_title(
+                f"{name}{flag}\nK1={p[0]:.3g} k2={p[1]:.3g} k3={p[2]:.3g} Vb={p[3]:.2g}{shift}"
+            )
         else:
             ax.set_title(f"{name}: not fitted ({reason})")
         ax.set_xlabel("time after injection (min)")
@@ -340,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=VALUE",
         help="hold a parameter (K1, k2, k3, Vb) at a value, e.g. --fixed Vb=0.05; repeatable",
+    )
+    p.add_argument(
+        "--fit-delay",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        help="fit an input delay per region within [LO, HI] s (positive: the tissue sees the "
+        "input later); adds a delay_s column",
     )
     p.add_argument("-o", "--output", help="write the table here (.tsv or .csv), else stdout")
     p.add_argument("--plot", help="write a figure of measured vs fitted curves (.png, .pdf)")

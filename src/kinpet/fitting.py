@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kinpet.delayfit import DELAY_STEP_S, fit_with_delay
 from kinpet.fastfit import DEFAULT_BETA_GRID, fit_curves
 from kinpet.fastfit import beta_values as beta_values  # kept importable from here
 from kinpet.frames import FrameSchedule
@@ -105,6 +106,8 @@ class FitResult:
         Why a curve is not ok: an index into :data:`STATUS_NAMES`.
     method, sampling, weights : str
         How the fit was made.
+    delay_s : numpy.ndarray, shape [N], or None
+        The fitted input delay (s) when one was fitted (``delay_bounds_s``).
     """
 
     params: np.ndarray
@@ -115,6 +118,7 @@ class FitResult:
     method: str
     sampling: str
     weights: str
+    delay_s: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.sse.size)
@@ -124,9 +128,12 @@ class FitResult:
         return [STATUS_NAMES[s] for s in self.status]
 
     def as_dict(self) -> dict:
-        """Columns K1, k2, k3, Vb, Ki, SSE, ok, status (for a table)."""
+        """Columns K1, k2, k3, Vb, Ki, (delay_s when fitted,) SSE, ok, status."""
         out = {name: self.params[:, i] for i, name in enumerate(PARAMETER_NAMES)}
-        out.update(Ki=self.ki, SSE=self.sse, ok=self.ok, status=self.reasons())
+        out["Ki"] = self.ki
+        if self.delay_s is not None:
+            out["delay_s"] = self.delay_s
+        out.update(SSE=self.sse, ok=self.ok, status=self.reasons())
         return out
 
 
@@ -299,6 +306,8 @@ def fit(
     workers: int | None = None,
     tie_tolerance: float | None = None,
     fixed=None,
+    delay_bounds_s=None,
+    delay_step_s: float = DELAY_STEP_S,
 ) -> FitResult:
     """Fit the irreversible two-tissue model to many curves.
 
@@ -344,6 +353,10 @@ def fit(
     fixed : mapping, optional
         Parameters held at a value and left out of the fit, e.g. ``{"Vb": 0.05}``; the
         same as lower = upper in ``bounds`` (which works too). Names: K1, k2, k3, Vb.
+    delay_bounds_s : (lo, hi), optional
+        Fit an input delay per curve within these bounds (s; positive: the tissue sees the
+        input later), on a grid ``delay_step_s`` apart refined by a bounded scalar search
+        (:mod:`kinpet.delayfit`). The result then has ``delay_s``. Default: no delay.
 
     Returns
     -------
@@ -351,6 +364,12 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if delay_bounds_s is not None:
+        options = dict(method=method, weights=weights, bounds=bounds, sampling=sampling)
+        options.update(n_jobs=n_jobs, device=device, chunk_size=chunk_size, fixed=fixed)
+        options.update(beta_grid=beta_grid, lm_iterations=lm_iterations, workers=workers)
+        options.update(tie_tolerance=tie_tolerance)
+        return fit_with_delay(tacs, input_function, frames, delay_bounds_s, delay_step_s, **options)
     if method == "curve_fit_paper":  # the published organ fit: kinpet.paperfit
         from kinpet.paperfit import fit_curve_fit_paper
 

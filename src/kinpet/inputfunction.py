@@ -257,6 +257,29 @@ class InputFunction:
             )
         return InputFunction(self.times_s[keep], self.values[keep], source=self.source)
 
+    def delayed(self, delay_s: float) -> InputFunction:
+        """The input as the tissue sees it ``delay_s`` seconds later: A(t - delay_s).
+
+        Exact for the piecewise-linear curve: its knots (with the ramp from (0, 0)) move by
+        ``delay_s``. A positive delay leaves the input at 0 for the first ``delay_s``
+        seconds; a negative one starts it at A(-delay_s) at t = 0 and drops what came
+        before (the tissue saw it before the scan began). The last value is held after the
+        last knot, as always.
+        """
+        delay_s = float(delay_s)
+        if not np.isfinite(delay_s):
+            raise InputFunctionError(f"the input delay must be finite, not {delay_s}")
+        if delay_s == 0.0:
+            return self
+        times = self.knots_s + delay_s
+        values = self.knot_values
+        if delay_s < 0:
+            keep = times > 0
+            times = np.concatenate([[0.0], times[keep]])
+            values = np.concatenate([[float(self(-delay_s))], values[keep]])
+        source = f"{self.source or 'input'} delayed by {delay_s:g} s"
+        return InputFunction(times, values, source=source)
+
     @classmethod
     def feng(
         cls,
