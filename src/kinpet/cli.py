@@ -148,6 +148,13 @@ def cmd_fit_tacs(args) -> None:
         )
     # The pipeline's rule (kinpet.io.read_pet_bids): an input that stops early is an error.
     inp.check_covers(frames, strict=True)
+    if args.model == "patlak":
+        table = _patlak_table(args, names, curves, inp, frames)
+        if args.output:
+            write_table_atomic(args.output, table)
+        else:
+            sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
+        return
     result = fit(
         curves,
         inp,
@@ -177,6 +184,26 @@ def cmd_fit_tacs(args) -> None:
         from kinpet.figures import save_figure
 
         save_figure(figure, args.plot, dpi=120)
+
+
+def _patlak_table(args, names, curves, inp, frames):
+    """The Patlak table: region, Ki, V0 (intercept), r2, frames used."""
+    import pandas as pd
+
+    from kinpet.io import KinpetInputError
+    from kinpet.patlak import patlak
+
+    given = [flag for flag, value in (("--fixed", args.fixed), ("--fit-delay", args.fit_delay),
+                                      ("--plot", args.plot)) if value]  # fmt: skip
+    if given or args.method != "fast" or args.weights != "none":
+        raise KinpetInputError(
+            f"--model patlak is a straight-line fit: {', '.join(given) or '--method/--weights'} "
+            "does not apply"
+        )
+    r = patlak(curves, inp, frames, t_star_min=args.t_star)
+    return pd.DataFrame(
+        {"region": names, "Ki": r.ki, "V0": r.intercept, "r2": r.r2, "frames": r.frames_used}
+    )
 
 
 def _parse_fixed(items) -> dict:
@@ -340,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sampling", choices=("average", "mid", "paper"), default="average")
     p.add_argument(
+        "--model",
+        choices=("irreversible_2tc", "patlak"),
+        default="irreversible_2tc",
+        help="irreversible_2tc (default: K1, k2, k3, Vb, Ki) or patlak (Ki and intercept V0 "
+        "of the line over the frames after --t-star)",
+    )
+    p.add_argument(
+        "--t-star", type=float, default=20.0, help="patlak: start of the line, min (default 20)"
+    )
+    p.add_argument(
         "--fixed",
         action="append",
         default=[],
@@ -357,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the table here (.tsv or .csv), else stdout")
     p.add_argument("--plot", help="write a figure of measured vs fitted curves (.png, .pdf)")
     p.set_defaults(func=cmd_fit_tacs)
+
+    from kinpet.cli_fit_image import add_parser as add_fit_image
+
+    add_fit_image(sub)
     return parser
 
 

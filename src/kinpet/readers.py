@@ -128,6 +128,29 @@ def read_volume(path, dtype=None, slab=None, ndim: int | None = None) -> np.ndar
         return np.asarray(data, dtype=dtype)
 
 
+def dynamic_slab_reader(path):
+    """``read_slab(z0, z1)`` -> slices [X, Y, z1 - z0, T] (float32) of a 4-D NIfTI.
+
+    The file stays open between calls, so a ``.nii.gz`` read slab after slab is
+    decompressed in one forward pass, not once per slab; only one slab is in memory.
+
+    Raises
+    ------
+    KinpetInputError
+        Naming the file: missing, empty, not NIfTI, not 4-D, truncated or corrupt.
+    """
+    image = _open_nifti(path)
+    if len(image.shape) != 4:
+        raise KinpetInputError(f"{path}: expected a 4-D image, got shape {image.shape}")
+    image = nib.load(Path(path), keep_file_open=True)
+
+    def read_slab(z0: int, z1: int) -> np.ndarray:
+        with _naming_corrupt_file(path, f"reading slices {z0}-{z1 - 1}"):
+            return np.asarray(image.dataobj[:, :, z0:z1, :], dtype=np.float32)
+
+    return read_slab
+
+
 def read_npz(path, keys=None) -> dict[str, np.ndarray]:
     """The arrays of a ``.npz`` file, read into memory (no pickled objects).
 
