@@ -120,6 +120,7 @@ def cmd_fit_tacs(args) -> None:
         read_region_curves,
         write_table_atomic,
     )
+    from kinpet.models import get_model, result_columns
 
     _check_outputs(args)
     fixed = _parse_fixed(args.fixed)
@@ -155,6 +156,12 @@ def cmd_fit_tacs(args) -> None:
         else:
             sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
         return
+    model = get_model(args.model)
+    if set(fixed) - set(model.parameters):
+        raise KinpetInputError(
+            f"--fixed {sorted(set(fixed) - set(model.parameters))}: not a parameter of "
+            f"{model.name} {model.parameters}"
+        )
     result = fit(
         curves,
         inp,
@@ -162,7 +169,7 @@ def cmd_fit_tacs(args) -> None:
         method=args.method,
         weights=args.weights,
         sampling=args.sampling,
-        fixed=fixed,
+        fixed={**fixed, **model.held},
         delay_bounds_s=args.fit_delay,
     )
     for i in flag_negative(result, curves, NEGATIVE_TOLERANCE):
@@ -173,7 +180,7 @@ def cmd_fit_tacs(args) -> None:
             f"{NEGATIVE_TOLERANCE:.0%}: wrong scale or offset?); flagged ok=False",
             stacklevel=1,
         )
-    table = pd.DataFrame({"region": names, **result.as_dict()})
+    table = pd.DataFrame({"region": names, **result_columns(model, result)})
     # Render everything first, then write: a failure leaves no half-written output.
     figure = _fit_figure(frames, inp, names, curves, result) if args.plot else None
     if args.output:
@@ -368,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", choices=("average", "mid", "paper"), default="average")
     p.add_argument(
         "--model",
-        choices=("irreversible_2tc", "patlak"),
+        choices=("irreversible_2tc", "one_tc", "patlak"),
         default="irreversible_2tc",
-        help="irreversible_2tc (default: K1, k2, k3, Vb, Ki) or patlak (Ki and intercept V0 "
-        "of the line over the frames after --t-star)",
+        help="irreversible_2tc (default: K1, k2, k3, Vb, Ki), one_tc (K1, k2, Vb, VT) or "
+        "patlak (Ki and intercept V0 of the line over the frames after --t-star)",
     )
     p.add_argument(
         "--t-star", type=float, default=20.0, help="patlak: start of the line, min (default 20)"

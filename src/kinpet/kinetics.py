@@ -53,6 +53,39 @@ def ki(params):
     return k1 * k3 / (k2 + k3)
 
 
+def tacs(
+    model: str,
+    params,
+    input_function: InputFunction,
+    frames: FrameSchedule,
+    sampling: str = "average",
+    delay_s: float = 0.0,
+) -> np.ndarray:
+    """Model curves of any known model (:data:`kinpet.models.MODELS`), one entry point.
+
+    Parameters
+    ----------
+    model : str
+        ``"irreversible_2tc"`` or ``"one_tc"``.
+    params : array_like, shape [..., n_parameters]
+        In the order of the model's parameter names (``get_model(model).parameters``).
+    input_function, frames, sampling
+        As for :func:`irreversible_2tc`.
+    delay_s : float
+        The input shifted this much later (s), in the tissue and the blood term alike.
+
+    Returns
+    -------
+    numpy.ndarray, shape [..., n_frames]
+    """
+    from kinpet.models import get_model
+
+    spec = get_model(model)
+    return irreversible_2tc(
+        spec.to_irreversible(params), input_function.delayed(delay_s), frames, sampling
+    )
+
+
 def irreversible_2tc(
     params, input_function: InputFunction, frames: FrameSchedule, sampling="average"
 ):

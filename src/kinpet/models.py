@@ -1,0 +1,125 @@
+"""The kinetic models kinpet knows, by name: parameters, units, bounds, macro-parameters.
+
+Both compartment models here are evaluated and fitted through the irreversible two-tissue
+model's exact closed form (:func:`kinpet.kinetics.irreversible_2tc`): the one-tissue model
+is its k3 = 0 case (impulse response K1 exp(-k2 t)), held fixed in the fit.
+
+- ``irreversible_2tc``: K1, k2, k3, Vb (k4 = 0); Ki = K1 k3 / (k2 + k3).
+- ``one_tc``: K1, k2, Vb; VT = K1 / k2.
+
+Patlak's graphical method (:mod:`kinpet.patlak`) is no compartment model and has no
+forward curve; ``kinpet fit-tacs --model patlak`` runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER
+
+
+@dataclass(frozen=True)
+class Model:
+    """One kinetic model.
+
+    Attributes
+    ----------
+    name : str
+    parameters : tuple of str
+        Names of its parameters, in the order of its parameter arrays.
+    units : dict
+        Unit of each parameter and macro-parameter.
+    lower, upper : tuple of float
+        Default bounds of the parameters.
+    held : dict
+        Parameters of the irreversible two-tissue model this model holds fixed
+        (``{"k3": 0.0}`` for ``one_tc``).
+    macro : dict
+        Macro-parameter name -> function of the parameters [..., n] -> [...].
+    """
+
+    name: str
+    parameters: tuple[str, ...]
+    units: dict
+    lower: tuple[float, ...]
+    upper: tuple[float, ...]
+    held: dict = field(default_factory=dict)
+    macro: dict[str, Callable] = field(default_factory=dict)
+
+    def to_irreversible(self, params) -> np.ndarray:
+        """Its parameters [..., n] as (K1, k2, k3, Vb) [..., 4] of the two-tissue model."""
+        params = np.asarray(params, dtype=np.float64)
+        if params.shape[-1] != len(self.parameters):
+            raise ValueError(
+                f"{self.name} has {len(self.parameters)} parameters {self.parameters}; got "
+                f"arrays with {params.shape[-1]}"
+            )
+        out = np.empty((*params.shape[:-1], 4))
+        for i, name in enumerate(IRREVERSIBLE_NAMES):
+            if name in self.held:
+                out[..., i] = self.held[name]
+            else:
+                out[..., i] = params[..., self.parameters.index(name)]
+        return out
+
+    def from_irreversible(self, params4) -> np.ndarray:
+        """The model's parameters [..., n] out of (K1, k2, k3, Vb) [..., 4]."""
+        params4 = np.asarray(params4, dtype=np.float64)
+        return np.stack([params4[..., IRREVERSIBLE_NAMES.index(p)] for p in self.parameters], -1)
+
+
+IRREVERSIBLE_NAMES = ("K1", "k2", "k3", "Vb")
+_UNITS = {"K1": "mL/cm3/min", "k2": "1/min", "k3": "1/min", "Vb": "fraction"}
+
+
+def _ki(p):
+    return p[..., 0] * p[..., 2] / (p[..., 1] + p[..., 2])
+
+
+def _vt(p):
+    return p[..., 0] / p[..., 1]
+
+
+MODELS = {
+    "irreversible_2tc": Model(
+        "irreversible_2tc",
+        IRREVERSIBLE_NAMES,
+        {**_UNITS, "Ki": "mL/cm3/min"},
+        tuple(PAPER_LOWER),
+        tuple(PAPER_UPPER),
+        macro={"Ki": _ki},
+    ),
+    "one_tc": Model(
+        "one_tc",
+        ("K1", "k2", "Vb"),
+        {"K1": _UNITS["K1"], "k2": _UNITS["k2"], "Vb": _UNITS["Vb"], "VT": "mL/cm3"},
+        (PAPER_LOWER[0], PAPER_LOWER[1], PAPER_LOWER[3]),
+        (PAPER_UPPER[0], PAPER_UPPER[1], PAPER_UPPER[3]),
+        held={"k3": 0.0},
+        macro={"VT": _vt},
+    ),
+}
+
+
+def get_model(name: str) -> Model:
+    """The model called ``name``; a ValueError naming the known ones otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"unknown kinetic model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def result_columns(model: Model, result) -> dict:
+    """The table columns of a :class:`kinpet.fitting.FitResult` of ``model``: its
+    parameters, its macro-parameters, then delay_s (when fitted), SSE, ok and status."""
+    params = model.from_irreversible(result.params)
+    out = {name: params[:, i] for i, name in enumerate(model.parameters)}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out.update({name: f(params) for name, f in model.macro.items()})
+    rest = result.as_dict()
+    for name in ("delay_s", "SSE", "ok", "status"):
+        if name in rest:
+            out[name] = rest[name]
+    return out
