@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 
 from kinpet import __version__
+from kinpet.cli_fit_image import BLOOD_COLUMN_HELP
 
 
 def _frames(spec):
@@ -143,10 +144,12 @@ def cmd_fit_tacs(args) -> None:
         time_units=args.time_units,
         frames=frames,
     )
+    blood = None
     if args.blood_tsv:
-        inp = InputFunction.from_blood_tsv(
+        inp, blood, columns = InputFunction.from_blood_tsv_pair(
             args.blood_tsv, column=args.blood_column, units=args.blood_units
         )
+        _say_inputs(args.blood_tsv, columns, "fit-tacs")
     # The pipeline's rule (kinpet.io.read_pet_bids): an input that stops early is an error.
     inp.check_covers(frames, strict=True)
     if args.model == "patlak":
@@ -171,6 +174,7 @@ def cmd_fit_tacs(args) -> None:
         sampling=args.sampling,
         fixed={**fixed, **model.held},
         delay_bounds_s=args.fit_delay,
+        blood_function=blood,
     )
     for i in flag_negative(result, curves, NEGATIVE_TOLERANCE):
         low, high = np.nanmin(curves[i]), np.nanmax(curves[i])
@@ -211,6 +215,15 @@ def _patlak_table(args, names, curves, inp, frames):
     return pd.DataFrame(
         {"region": names, "Ki": r.ki, "V0": r.intercept, "r2": r.r2, "frames": r.frames_used}
     )
+
+
+def _say_inputs(path, columns: tuple, command: str) -> None:
+    """Tell which blood curves of ``path`` the model uses."""
+    if len(columns) == 2:
+        line = f"{columns[0]} is the tissue's input, {columns[1]} the Vb term's"
+    else:
+        line = f"{columns[0]} is the input of the tissue and the Vb term"
+    print(f"kinpet {command}: {path}: {line}", file=sys.stderr)
 
 
 def _parse_fixed(items) -> dict:
@@ -357,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pet-json", help="PET-BIDS _pet.json: frames (with --blood-tsv)")
     p.add_argument("--blood-tsv", help="PET-BIDS _blood.tsv: the input (with --pet-json)")
-    p.add_argument("--blood-column", default="whole_blood", help="whole_blood (default) or plasma")
+    p.add_argument("--blood-column", default="auto", help=BLOOD_COLUMN_HELP)
     p.add_argument("--blood-units", help="units of the blood column if its sidecar lacks them")
     p.add_argument(
         "--method",

@@ -12,6 +12,12 @@ from kinpet import __version__
 MODEL_LABEL = "irreversible2tc"  # the BIDS "model" entity: letters and digits only
 
 
+BLOOD_COLUMN_HELP = (
+    "auto (default: plasma for the tissue and whole blood for the Vb term when the file has "
+    "both, else the one it has), whole_blood, plasma or a column name (one curve for both)"
+)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "fit-image",
@@ -26,7 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--pet", required=True, help="4-D NIfTI [X, Y, Z, T] in kBq/ml")
     p.add_argument("--pet-json", help="its _pet.json (default: beside it, same name)")
     p.add_argument("--blood-tsv", required=True, help="PET-BIDS _blood.tsv: the input")
-    p.add_argument("--blood-column", default="whole_blood", help="whole_blood (default) or plasma")
+    p.add_argument("--blood-column", default="auto", help=BLOOD_COLUMN_HELP)
     p.add_argument("--blood-units", help="units of the blood column if its sidecar lacks them")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--mask", help="3-D NIfTI: the voxels > 0 are fitted")
@@ -67,7 +73,7 @@ def _prefix(pet: Path) -> str:
 def cmd_fit_image(args) -> None:
     import torch
 
-    from kinpet.cli import _parse_fixed
+    from kinpet.cli import _parse_fixed, _say_inputs
     from kinpet.fitimage import (
         MAP_UNITS,
         fit_image,
@@ -106,11 +112,14 @@ def cmd_fit_image(args) -> None:
         raise KinpetInputError(
             f"{pet_json}: {len(frames)} frames, but {pet} has {grid.shape[3]} volumes"
         )
-    inp = InputFunction.from_blood_tsv(
+    inp, blood, columns = InputFunction.from_blood_tsv_pair(
         args.blood_tsv, column=args.blood_column, units=args.blood_units
     )
-    inp.check_covers(frames, strict=True)
-    inp.check_not_zero()
+    for curve in (inp, blood):
+        if curve is not None:
+            curve.check_covers(frames, strict=True)
+            curve.check_not_zero()
+    _say_inputs(args.blood_tsv, columns, "fit-image")
     regions = read_volume(regions_path, ndim=3)
     if regions.shape != grid.shape[:3]:
         raise KinpetInputError(
@@ -128,7 +137,7 @@ def cmd_fit_image(args) -> None:
     read_slab = dynamic_slab_reader(pet)
     per_slab = slab_slices(grid.shape, args.memory_mb)
     options = dict(method=args.method, weights=args.weights, sampling=args.sampling)
-    options["fixed"] = fixed
+    options.update(fixed=fixed, blood_function=blood)
     if args.method == "curve_fit":
         options["n_jobs"] = max(1, torch.get_num_threads())
 
@@ -159,7 +168,11 @@ def cmd_fit_image(args) -> None:
         "Method": args.method,
         "Sampling": args.sampling,
         "FrameWeights": args.weights,
-        "InputFunction": {"File": str(args.blood_tsv), "Column": args.blood_column},
+        "InputFunction": {
+            "File": str(args.blood_tsv),
+            "Column": columns[0],
+            "WholeBloodColumn": columns[1] if len(columns) == 2 else None,
+        },
         "FixedParameters": fixed,
         "InputDelay": (
             {

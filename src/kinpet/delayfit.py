@@ -72,9 +72,15 @@ def fit_with_delay(
     from kinpet.fitting import fit
 
     lo, hi = check_delay_bounds(delay_bounds_s)
+    blood = options.pop("blood_function", None)
+
+    def fit_delayed(curves, d):
+        whole_blood = None if blood is None else blood.delayed(d)
+        return fit(curves, input_function.delayed(d), frames, blood_function=whole_blood, **options)
+
     y = np.atleast_2d(np.asarray(tacs, dtype=np.float64))
     grid = delay_grid(lo, hi, delay_step_s)
-    on_grid = [fit(y, input_function.delayed(d), frames, **options) for d in grid]
+    on_grid = [fit_delayed(y, d) for d in grid]
     sse = np.stack([np.where(r.ok, r.sse, np.inf) for r in on_grid])  # [G, N]
     best = np.argmin(sse, axis=0)
     result = on_grid[0]  # its arrays are refilled curve by curve below
@@ -85,7 +91,7 @@ def fit_with_delay(
         found = {"delay": grid[k], "sse": sse[k, i], "params": on_grid[k].params[i]}
 
         def profile(d, i=i, found=found):
-            r = fit(y[i], input_function.delayed(d), frames, **options)
+            r = fit_delayed(y[i], d)
             value = float(r.sse[0]) if r.ok[0] else np.inf
             if value < found["sse"]:
                 found.update(delay=d, sse=value, params=r.params[0])

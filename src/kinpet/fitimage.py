@@ -101,7 +101,8 @@ def fit_image(
     progress : callable, optional
         Called with one line per slab.
     **fit_options
-        Passed to :func:`kinpet.fitting.fit` (method, weights, sampling, fixed, ...).
+        Passed to :func:`kinpet.fitting.fit` (method, weights, sampling, fixed,
+        blood_function, ...); a region's delay shifts ``blood_function`` too.
     """
     shape = regions.shape
     maps = np.full((*shape, len(MAP_NAMES)), np.nan, dtype=np.float32)
@@ -110,15 +111,18 @@ def fit_image(
     done, started = 0, time.perf_counter()
     everything = np.ones(shape[2], dtype=bool)
     method = fit_options.pop("method", "fast")
+    blood = fit_options.pop("blood_function", None)
     for i, (z0, z1) in enumerate(bounds):
         slab = read_slab(z0, z1)
         part = regions[:, :, z0:z1]
         groups = {0: part > 0} if delays is None else {k: part == k for k in delays}
         for label, inside in groups.items():
-            delayed = input_function if delays is None else input_function.delayed(delays[label])
+            d = 0.0 if delays is None else delays[label]
+            whole_blood = None if blood is None else blood.delayed(d)
             out, n = fit_chunk(
-                slab, inside, 0, z1 - z0, everything, delayed, frames, method, **fit_options
-            )
+                slab, inside, 0, z1 - z0, everything, input_function.delayed(d), frames, method,
+                blood_function=whole_blood, **fit_options,
+            )  # fmt: skip
             maps[:, :, z0:z1][inside] = out[inside]
             done += n
         if progress is not None:

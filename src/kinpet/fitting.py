@@ -308,6 +308,7 @@ def fit(
     fixed=None,
     delay_bounds_s=None,
     delay_step_s: float = DELAY_STEP_S,
+    blood_function: InputFunction | None = None,
 ) -> FitResult:
     """Fit the irreversible two-tissue model to many curves.
 
@@ -357,6 +358,10 @@ def fit(
         Fit an input delay per curve within these bounds (s; positive: the tissue sees the
         input later), on a grid ``delay_step_s`` apart refined by a bounded scalar search
         (:mod:`kinpet.delayfit`). The result then has ``delay_s``. Default: no delay.
+    blood_function : InputFunction, optional
+        Whole blood for the Vb term, ``input_function`` being the plasma input of the
+        tissue term (:func:`kinpet.kinetics.irreversible_2tc`); a fitted delay shifts
+        both. Not for ``curve_fit_paper`` (the published fit has one input).
 
     Returns
     -------
@@ -368,10 +373,16 @@ def fit(
         options = dict(method=method, weights=weights, bounds=bounds, sampling=sampling)
         options.update(n_jobs=n_jobs, device=device, chunk_size=chunk_size, fixed=fixed)
         options.update(beta_grid=beta_grid, lm_iterations=lm_iterations, workers=workers)
-        options.update(tie_tolerance=tie_tolerance)
+        options.update(tie_tolerance=tie_tolerance, blood_function=blood_function)
         return fit_with_delay(tacs, input_function, frames, delay_bounds_s, delay_step_s, **options)
     if method == "curve_fit_paper":  # the published organ fit: kinpet.paperfit
         from kinpet.paperfit import fit_curve_fit_paper
+
+        if blood_function is not None:
+            raise ValueError(
+                "method='curve_fit_paper' takes one input function (the published organ "
+                "fit); blood_function applies to 'fast' and 'curve_fit'"
+            )
 
         return fit_curve_fit_paper(
             tacs, input_function, frames, weights, with_fixed(bounds, fixed), n_jobs=n_jobs
@@ -386,7 +397,7 @@ def fit(
         y = y.astype(np.float64)
     w = frame_weights(frames, weights)
     lo, hi = with_fixed(bounds, fixed)
-    model = KineticModel(input_function, frames, sampling)
+    model = KineticModel(input_function, frames, sampling, blood_function)
     # A zero input makes every linear step singular: say so instead of a LinAlgError.
     input_function.check_not_zero()
     status = screen_curves(y)
@@ -413,7 +424,7 @@ def fit(
             )
         else:
             params[good], sse[good] = _curve_fit_many(
-                y[good], input_function, frames, sampling, w, lo, hi, n_jobs
+                y[good], (input_function, blood_function), frames, sampling, w, lo, hi, n_jobs
             )
     failed = (status == STATUS_OK) & ~(np.isfinite(params).all(axis=1) & np.isfinite(sse))
     status[failed] = STATUS_FAILED
@@ -431,11 +442,12 @@ def fit(
 _WORKER = {}
 
 
-def _curve_fit_init(input_function, frames, sampling, w, lo, hi):
+def _curve_fit_init(inputs, frames, sampling, w, lo, hi):
     # One model per process; torch's own threads would only fight the process pool.
     torch.set_num_threads(1)
+    input_function, blood_function = inputs
     _WORKER.update(
-        model=KineticModel(input_function, frames, sampling),
+        model=KineticModel(input_function, frames, sampling, blood_function),
         sigma=1.0 / np.sqrt(w) if not np.allclose(w, 1.0) else None,
         w=w,
         lo=lo,
@@ -478,9 +490,10 @@ def _curve_fit_block(block: np.ndarray):
     return params, sse
 
 
-def _curve_fit_many(y, input_function, frames, sampling, w, lo, hi, n_jobs):
+def _curve_fit_many(y, inputs, frames, sampling, w, lo, hi, n_jobs):
+    """curve_fit of every curve; ``inputs`` is (input_function, blood_function or None)."""
     y = np.asarray(y, dtype=np.float64)
-    setup = (input_function, frames, sampling, w, lo, hi)
+    setup = (inputs, frames, sampling, w, lo, hi)
     if n_jobs == -1:
         n_jobs = os.cpu_count() or 1
     if n_jobs <= 1 or y.shape[0] < 2:

@@ -228,6 +228,39 @@ class InputFunction:
             blood = blood.simplified()
         return blood
 
+    @classmethod
+    def from_blood_tsv_pair(cls, path, column: str = "auto", units: str | None = None):
+        """The inputs of a PET-BIDS blood recording: (tissue input, whole blood or None,
+        the names of the columns used).
+
+        ``column="auto"``: with both ``plasma_radioactivity`` and
+        ``whole_blood_radioactivity`` in the file, the plasma curve is the tissue's input
+        and whole blood the Vb term's (:func:`kinpet.kinetics.irreversible_2tc`'s
+        ``blood_function``); with one of them, that one serves both terms. Any other
+        ``column`` (see :meth:`from_blood_tsv`) serves both terms.
+        """
+        if column != "auto":
+            name = BLOOD_COLUMNS.get(column, column)
+            return cls.from_blood_tsv(path, column=column, units=units), None, (name,)
+        import pandas as pd
+
+        try:
+            names = set(pd.read_csv(path, sep="\t", nrows=0).columns)
+        except FileNotFoundError:
+            raise InputFunctionError(f"{path}: file not found") from None
+        except Exception as err:  # noqa: BLE001 - pandas raises many parser errors
+            raise InputFunctionError(f"{path}: cannot read as TSV ({err})") from None
+        have = [key for key in ("plasma", "whole_blood") if BLOOD_COLUMNS[key] in names]
+        if not have:
+            raise InputFunctionError(
+                f"{path}: no column {BLOOD_COLUMNS['whole_blood']!r} or "
+                f"{BLOOD_COLUMNS['plasma']!r} (columns: {', '.join(map(str, sorted(names)))}); "
+                "name the input's column with the blood-column option"
+            )
+        curves = [cls.from_blood_tsv(path, column=key, units=units) for key in have]
+        used = tuple(BLOOD_COLUMNS[key] for key in have)
+        return curves[0], (curves[1] if len(curves) == 2 else None), used
+
     def simplified(
         self, tolerance: float = KNOT_TOLERANCE, max_knots: int = MAX_KNOTS
     ) -> InputFunction:

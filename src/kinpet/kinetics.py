@@ -60,6 +60,7 @@ def tacs(
     frames: FrameSchedule,
     sampling: str = "average",
     delay_s: float = 0.0,
+    blood_function: InputFunction | None = None,
 ) -> np.ndarray:
     """Model curves of any known model (:data:`kinpet.models.MODELS`), one entry point.
 
@@ -73,6 +74,9 @@ def tacs(
         As for :func:`irreversible_2tc`.
     delay_s : float
         The input shifted this much later (s), in the tissue and the blood term alike.
+    blood_function : InputFunction, optional
+        Whole blood for the Vb term (``input_function`` then is the plasma input); also
+        delayed by ``delay_s``.
 
     Returns
     -------
@@ -81,13 +85,18 @@ def tacs(
     from kinpet.models import get_model
 
     spec = get_model(model)
+    blood = None if blood_function is None else blood_function.delayed(delay_s)
     return irreversible_2tc(
-        spec.to_irreversible(params), input_function.delayed(delay_s), frames, sampling
+        spec.to_irreversible(params), input_function.delayed(delay_s), frames, sampling, blood
     )
 
 
 def irreversible_2tc(
-    params, input_function: InputFunction, frames: FrameSchedule, sampling="average"
+    params,
+    input_function: InputFunction,
+    frames: FrameSchedule,
+    sampling="average",
+    blood_function: InputFunction | None = None,
 ):
     """Model time-activity curves for many voxels at once.
 
@@ -102,6 +111,10 @@ def irreversible_2tc(
         The scan's frames (s).
     sampling : {"average", "mid", "paper"}
         How the continuous model is turned into one value per frame (module docstring).
+    blood_function : InputFunction, optional
+        Whole blood for the Vb term, when ``input_function`` is the plasma input of the
+        tissue term (PET-BIDS ``plasma_radioactivity`` and ``whole_blood_radioactivity``).
+        Default: ``input_function`` in both terms.
 
     Returns
     -------
@@ -109,7 +122,7 @@ def irreversible_2tc(
         Same kind as ``params``: numpy in, float64 numpy out; torch in, torch out on the
         same device and dtype (differentiable).
     """
-    return KineticModel(input_function, frames, sampling)(params)
+    return KineticModel(input_function, frames, sampling, blood_function)(params)
 
 
 class KineticModel:
@@ -119,21 +132,31 @@ class KineticModel:
     input and frames are evaluated many times (training, fitting).
     """
 
-    def __init__(self, input_function: InputFunction, frames: FrameSchedule, sampling="average"):
+    def __init__(
+        self,
+        input_function: InputFunction,
+        frames: FrameSchedule,
+        sampling="average",
+        blood_function: InputFunction | None = None,
+    ):
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, not {sampling!r}")
         if not isinstance(frames, FrameSchedule):
             raise TypeError("frames must be a kinpet.frames.FrameSchedule")
         if not isinstance(input_function, InputFunction):
             raise TypeError("input_function must be a kinpet.inputfunction.InputFunction")
+        if blood_function is not None and not isinstance(blood_function, InputFunction):
+            raise TypeError("blood_function must be a kinpet.inputfunction.InputFunction or None")
         self.input_function = input_function
+        self.blood_function = blood_function
         self.frames = frames
         self.sampling = sampling
-        if sampling == "paper":
-            self._plan = _paper_plan(input_function, frames)
-        else:
-            input_function.check_covers(frames)
-            self._plan = _knot_plan(input_function, frames, with_mids=sampling == "mid")
+        self._plan = _plan(input_function, frames, sampling)
+        if blood_function is not None:
+            # Only the Vb term sees whole blood: its frame values replace the input's.
+            blood_plan = _plan(blood_function, frames, sampling)
+            key = "a_at_starts" if sampling == "paper" else "a_values"
+            self._plan[key] = blood_plan[key]
         self._tensors = {}
 
     @property
@@ -215,6 +238,13 @@ def _as_tensor(value, device, dtype):
 
 
 # -- exact model on knots --------------------------------------------------------------------
+
+
+def _plan(input_function: InputFunction, frames: FrameSchedule, sampling: str) -> dict:
+    if sampling == "paper":
+        return _paper_plan(input_function, frames)
+    input_function.check_covers(frames)
+    return _knot_plan(input_function, frames, with_mids=sampling == "mid")
 
 
 def _knot_plan(input_function: InputFunction, frames: FrameSchedule, with_mids: bool) -> dict:
