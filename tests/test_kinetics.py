@@ -50,14 +50,19 @@ def input_cases():
 
 
 def ode_reference(params, inp, frames, delay_s=0.0):
-    """Frame averages and mid-time values by integrating the compartment ODEs.
+    """Frame averages and mid-time values by integrating the compartment ODEs
+    (``params`` [N, 4] K1, k2, k3, Vb, or [N, 5] with k4 before Vb).
 
     State per parameter set: free F, bound B, and Q = int (F + B) dt, so that frame
     averages are differences of Q. Integrated knot to knot (the input has kinks there)
     with DOP853 at tight tolerances; the blood term is integrated with quad. With
     ``delay_s`` the tissue and the blood term see A(t - delay_s) (0 before injection).
     """
-    k1, k2, k3, vb = (params[:, i] for i in range(4))
+    if params.shape[1] == 5:  # the reversible model: K1, k2, k3, k4, Vb
+        k1, k2, k3, k4, vb = (params[:, i] for i in range(5))
+    else:
+        k1, k2, k3, vb = (params[:, i] for i in range(4))
+        k4 = np.zeros_like(k1)
     knots = np.unique(
         np.concatenate(
             [inp.knots_s + delay_s, frames.starts_s, frames.ends_s, frames.mids_s, [0.0]]
@@ -72,7 +77,7 @@ def ode_reference(params, inp, frames, delay_s=0.0):
     def rhs(t, y):
         f, b = y[:m], y[m : 2 * m]
         a = a_of(t)
-        return np.concatenate([k1 * a - (k2 + k3) * f, k3 * f, f + b])
+        return np.concatenate([k1 * a - (k2 + k3) * f + k4 * b, k3 * f - k4 * b, f + b])
 
     y = np.zeros(3 * m)
     states = {0.0: y}

@@ -53,7 +53,7 @@ def test_one_tc_fit_recovers_noise_free_parameters(method):
 
 
 def test_registry_names_shapes_and_macro_parameters():
-    assert set(MODELS) == {"irreversible_2tc", "one_tc"}
+    assert set(MODELS) == {"irreversible_2tc", "reversible_2tc", "one_tc"}
     with pytest.raises(ValueError, match="unknown kinetic model 'srtm'; known: irreversible"):
         get_model("srtm")
     with pytest.raises(ValueError, match="one_tc has 3 parameters"):

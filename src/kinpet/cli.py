@@ -165,17 +165,19 @@ def cmd_fit_tacs(args) -> None:
             f"--fixed {sorted(set(fixed) - set(model.parameters))}: not a parameter of "
             f"{model.name} {model.parameters}"
         )
-    result = fit(
-        curves,
-        inp,
-        frames,
-        method=args.method,
-        weights=args.weights,
-        sampling=args.sampling,
-        fixed={**fixed, **model.held},
-        delay_bounds_s=args.fit_delay,
-        blood_function=blood,
-    )
+    options = dict(method=args.method, weights=args.weights, sampling=args.sampling)
+    if model.irreversible_form:
+        result = fit(curves, inp, frames, **options, fixed={**fixed, **model.held},
+                     delay_bounds_s=args.fit_delay, blood_function=blood)  # fmt: skip
+    else:
+        from kinpet.modelfit import fit_reversible
+
+        if args.fit_delay is not None or args.method == "curve_fit_paper":
+            raise KinpetInputError(
+                f"--model {model.name}: --fit-delay and --method curve_fit_paper are not "
+                "available for it yet (methods: fast, curve_fit)"
+            )
+        result = fit_reversible(curves, inp, frames, **options, fixed=fixed, blood_function=blood)
     for i in flag_negative(result, curves, NEGATIVE_TOLERANCE):
         low, high = np.nanmin(curves[i]), np.nanmax(curves[i])
         warnings.warn(
@@ -186,7 +188,9 @@ def cmd_fit_tacs(args) -> None:
         )
     table = pd.DataFrame({"region": names, **result_columns(model, result)})
     # Render everything first, then write: a failure leaves no half-written output.
-    figure = _fit_figure(frames, inp, names, curves, result) if args.plot else None
+    figure = None
+    if args.plot:
+        figure = _fit_figure(frames, inp, blood, names, curves, model, result)
     if args.output:
         write_table_atomic(args.output, table)
     else:
@@ -240,30 +244,33 @@ def _parse_fixed(items) -> dict:
     return fixed
 
 
-def _fit_figure(frames, inp, names, curves, result):
+def _fit_figure(frames, inp, blood, names, curves, model, result):
     """Measured (points) and fitted (line) curves, one panel per region."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kinpet.kinetics import irreversible_2tc
+    from kinpet.kinetics import KineticModel
+    from kinpet.models import result_columns
 
     n = len(names)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
     t = frames.mids_min
     delays = np.zeros(n) if result.delay_s is None else result.delay_s
-    rows = zip(axes[0], names, curves, result.params, result.reasons(), delays, strict=True)
+    columns = result_columns(model, result)
+    params = np.column_stack([columns[name] for name in model.parameters])
+    rows = zip(axes[0], names, curves, params, result.reasons(), delays, strict=True)
     for ax, name, y, p, reason, delay in rows:
         ax.plot(t, y, "o", ms=4, label="measured")
         if np.isfinite(p).all():  # flagged fits (e.g. negative curves) are drawn too
-            fitted = irreversible_2tc(p, inp.delayed(delay), frames, sampling=result.sampling)
-            ax.plot(t, fitted, "-", label="fitted")
+            whole_blood = None if blood is None else blood.delayed(delay)
+            kinetic_model = KineticModel(inp.delayed(delay), frames, result.sampling, whole_blood)
+            ax.plot(t, model.curves(p, kinetic_model), "-", label="fitted")
             flag = "" if reason == "ok" else f" ({reason})"
             shift = "" if result.delay_s is None else f" delay={delay:.1f} s"
-            ax.set_title(
-                f"{name}{flag}\nK1={p[0]:.3g} k2={p[1]:.3g} k3={p[2]:.3g} Vb={p[3]:.2g}{shift}"
-            )
+            values = " ".join(f"{k}={v:.3g}" for k, v in zip(model.parameters, p, strict=True))
+            ax.set_title(f"{name}{flag}\n{values}{shift}", fontsize=9)
         else:
             ax.set_title(f"{name}: not fitted ({reason})")
         ax.set_xlabel("time after injection (min)")
@@ -388,9 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", choices=("average", "mid", "paper"), default="average")
     p.add_argument(
         "--model",
-        choices=("irreversible_2tc", "one_tc", "patlak"),
+        choices=("irreversible_2tc", "reversible_2tc", "one_tc", "patlak"),
         default="irreversible_2tc",
-        help="irreversible_2tc (default: K1, k2, k3, Vb, Ki), one_tc (K1, k2, Vb, VT) or "
+        help="irreversible_2tc (default: K1, k2, k3, Vb, Ki), reversible_2tc (K1, k2, k3, k4, "
+        "Vb, VT, VS), one_tc (K1, k2, Vb, VT) or "
         "patlak (Ki and intercept V0 of the line over the frames after --t-star)",
     )
     p.add_argument(

@@ -67,7 +67,7 @@ def tacs(
     Parameters
     ----------
     model : str
-        ``"irreversible_2tc"`` or ``"one_tc"``.
+        ``"irreversible_2tc"``, ``"reversible_2tc"`` or ``"one_tc"``.
     params : array_like, shape [..., n_parameters]
         In the order of the model's parameter names (``get_model(model).parameters``).
     input_function, frames, sampling
@@ -86,9 +86,65 @@ def tacs(
 
     spec = get_model(model)
     blood = None if blood_function is None else blood_function.delayed(delay_s)
-    return irreversible_2tc(
-        spec.to_irreversible(params), input_function.delayed(delay_s), frames, sampling, blood
+    kinetic_model = KineticModel(input_function.delayed(delay_s), frames, sampling, blood)
+    return spec.curves(params, kinetic_model)
+
+
+def reversible_rates(k2, k3, k4):
+    """The two rates (1/min) of the reversible two-tissue model's impulse response,
+    alpha_1 <= alpha_2, the roots of a^2 - (k2 + k3 + k4) a + k2 k4; alpha_1 is computed
+    as k2 k4 / alpha_2 (no cancellation when k4 is small; 0 when k4 = 0)."""
+    s = k2 + k3 + k4
+    disc = s * s - 4 * k2 * k4
+    root = disc.clamp(min=0).sqrt() if torch.is_tensor(disc) else np.sqrt(np.maximum(disc, 0.0))
+    alpha2 = (s + root) / 2
+    return k2 * k4 / alpha2, alpha2
+
+
+def reversible_2tc(
+    params,
+    input_function: InputFunction,
+    frames: FrameSchedule,
+    sampling="average",
+    blood_function: InputFunction | None = None,
+):
+    """The reversible two-tissue model with blood volume, for many voxels at once.
+
+        C = (1 - Vb) C_T + Vb A,
+        C_T = K1 / (a2 - a1) [(k3 + k4 - a1) E_a1 + (a2 - k3 - k4) E_a2]
+
+    with a1, a2 from :func:`reversible_rates` and E_a the input convolved with exp(-a t),
+    exact like :func:`irreversible_2tc` (k4 = 0 gives that model: a1 = 0, E_0 = I).
+    k3 must be > 0 (with k3 = 0 and k2 = k4 the two rates coincide).
+
+    Parameters
+    ----------
+    params : numpy.ndarray or torch.Tensor, shape [..., 5]
+        K1 (ml/cm^3/min), k2, k3, k4 (1/min), Vb per voxel.
+    input_function, frames, sampling, blood_function
+        As for :func:`irreversible_2tc`.
+    """
+    return _reversible_curves(
+        params, KineticModel(input_function, frames, sampling, blood_function)
     )
+
+
+def _reversible_curves(params, model: KineticModel):
+    if not torch.is_tensor(params):
+        p = torch.from_numpy(np.ascontiguousarray(np.asarray(params, dtype=np.float64)))
+        with torch.no_grad():
+            return _reversible_curves(p, model).numpy()
+    if params.shape[-1:] != (5,):
+        raise ValueError(
+            f"params must have shape [..., 5] (K1, k2, k3, k4, Vb), got {tuple(params.shape)}"
+        )
+    k1, k2, k3, k4, vb = params.unbind(-1)
+    a1, a2 = reversible_rates(k2, k3, k4)
+    first, second = model.basis(a1), model.basis(a2)  # [..., T, 3]: A, I, E
+    c1 = k1 * (k3 + k4 - a1) / (a2 - a1)
+    c2 = k1 * (a2 - k3 - k4) / (a2 - a1)
+    tissue = c1[..., None] * first[..., 2] + c2[..., None] * second[..., 2]
+    return (1 - vb)[..., None] * tissue + vb[..., None] * first[..., 0]
 
 
 def irreversible_2tc(

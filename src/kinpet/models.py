@@ -1,10 +1,13 @@
 """The kinetic models kinpet knows, by name: parameters, units, bounds, macro-parameters.
 
-Both compartment models here are evaluated and fitted through the irreversible two-tissue
-model's exact closed form (:func:`kinpet.kinetics.irreversible_2tc`): the one-tissue model
-is its k3 = 0 case (impulse response K1 exp(-k2 t)), held fixed in the fit.
+Every model is evaluated in closed form, exactly for the piecewise-linear input
+(:mod:`kinpet.kinetics`). The one-tissue model is the irreversible two-tissue model's
+k3 = 0 case (impulse response K1 exp(-k2 t)) and is fitted as that model with k3 held;
+the reversible model has its own evaluation and fitter (:mod:`kinpet.modelfit`).
 
 - ``irreversible_2tc``: K1, k2, k3, Vb (k4 = 0); Ki = K1 k3 / (k2 + k3).
+- ``reversible_2tc``: K1, k2, k3, k4, Vb; VT = K1 / k2 (1 + k3 / k4), VS = K1 k3 / (k2 k4)
+  (Ki is not defined).
 - ``one_tc``: K1, k2, Vb; VT = K1 / k2.
 
 Patlak's graphical method (:mod:`kinpet.patlak`) is no compartment model and has no
@@ -39,6 +42,9 @@ class Model:
         (``{"k3": 0.0}`` for ``one_tc``).
     macro : dict
         Macro-parameter name -> function of the parameters [..., n] -> [...].
+    irreversible_form : bool
+        The model is the irreversible two-tissue model with ``held`` parameters (evaluated
+        and fitted as it); False for ``reversible_2tc``.
     """
 
     name: str
@@ -48,6 +54,22 @@ class Model:
     upper: tuple[float, ...]
     held: dict = field(default_factory=dict)
     macro: dict[str, Callable] = field(default_factory=dict)
+    irreversible_form: bool = True
+
+    def curves(self, params, kinetic_model):
+        """Frame values [..., T] of parameters [..., n] (numpy) for a
+        :class:`kinpet.kinetics.KineticModel` (input, frames, sampling)."""
+        params = np.asarray(params, dtype=np.float64)
+        if params.shape[-1] != len(self.parameters):
+            raise ValueError(
+                f"{self.name} has {len(self.parameters)} parameters {self.parameters}; got "
+                f"arrays with {params.shape[-1]}"
+            )
+        if self.irreversible_form:
+            return kinetic_model(self.to_irreversible(params))
+        from kinpet.kinetics import _reversible_curves
+
+        return _reversible_curves(params, kinetic_model)
 
     def to_irreversible(self, params) -> np.ndarray:
         """Its parameters [..., n] as (K1, k2, k3, Vb) [..., 4] of the two-tissue model."""
@@ -83,6 +105,18 @@ def _vt(p):
     return p[..., 0] / p[..., 1]
 
 
+def _vt_reversible(p):
+    return p[..., 0] / p[..., 1] * (1 + p[..., 2] / p[..., 3])
+
+
+def _vs(p):
+    return p[..., 0] * p[..., 2] / (p[..., 1] * p[..., 3])
+
+
+# k4's bounds (1/min): FDG's k4 is 0-0.05 in most tissue, larger in the liver.
+K4_LOWER, K4_UPPER = 0.0, 1.0
+
+
 MODELS = {
     "irreversible_2tc": Model(
         "irreversible_2tc",
@@ -91,6 +125,15 @@ MODELS = {
         tuple(PAPER_LOWER),
         tuple(PAPER_UPPER),
         macro={"Ki": _ki},
+    ),
+    "reversible_2tc": Model(
+        "reversible_2tc",
+        ("K1", "k2", "k3", "k4", "Vb"),
+        {**_UNITS, "k4": "1/min", "VT": "mL/cm3", "VS": "mL/cm3"},
+        (*PAPER_LOWER[:3], K4_LOWER, PAPER_LOWER[3]),
+        (*PAPER_UPPER[:3], K4_UPPER, PAPER_UPPER[3]),
+        macro={"VT": _vt_reversible, "VS": _vs},
+        irreversible_form=False,
     ),
     "one_tc": Model(
         "one_tc",
@@ -114,7 +157,9 @@ def get_model(name: str) -> Model:
 def result_columns(model: Model, result) -> dict:
     """The table columns of a :class:`kinpet.fitting.FitResult` of ``model``: its
     parameters, its macro-parameters, then delay_s (when fitted), SSE, ok and status."""
-    params = model.from_irreversible(result.params)
+    params = result.params
+    if params.shape[1] != len(model.parameters):
+        params = model.from_irreversible(params)
     out = {name: params[:, i] for i, name in enumerate(model.parameters)}
     with np.errstate(invalid="ignore", divide="ignore"):
         out.update({name: f(params) for name, f in model.macro.items()})
