@@ -322,3 +322,38 @@ def test_organ_values_that_do_not_parse(tmp_path):
     ragged = tmp_path / "ragged.tsv"
     ragged.write_text(header + "liver\t0.8\t0.1\t0.01\t0.02\nlungs\t0.1\t0.1\t0.01\t0.02\t9\n")
     _raises(lambda: read_organ_values(ragged), ragged, "cannot read as TSV")
+
+
+def test_fit_slabs_names_a_truncated_image_in_one_line(tmp_path):
+    rng = np.random.default_rng(1)
+    write_nifti(tmp_path / "pet.nii.gz", rng.random((6, 5, 4, 7), dtype=np.float32), AFFINE)
+    spec = {"input": {"pet": "pet.nii.gz"}, "output": {"slabs": "slabs.npy"},
+            "params": {}, "log": "fit_slabs.log"}  # fmt: skip
+    res = run_script("fit_slabs", spec, tmp_path)
+    assert res.returncode == 0, res.stderr + (tmp_path / "fit_slabs.log").read_text()
+    assert np.load(tmp_path / "slabs.npy").shape == (4, 6, 5, 7)
+    (tmp_path / "slabs.npy").unlink()
+    truncate(tmp_path / "pet.nii.gz")
+    res = run_script("fit_slabs", spec, tmp_path)
+    log = (tmp_path / "fit_slabs.log").read_text()
+    assert res.returncode == 1 and "Traceback" not in log
+    assert log.strip().splitlines()[-1].startswith("ERROR: pet.nii.gz: truncated or corrupt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit_slabs.log", "pet.nii.gz"]
+
+
+def test_binary_sidecars_are_named(tmp_path):
+    from kinpet.frames import FrameSchedule, FrameScheduleError
+    from kinpet.inputfunction import InputFunction, InputFunctionError
+
+    pet_json = tmp_path / "sub-01_pet.json"
+    pet_json.write_bytes(b"\xff\xfe\x00\x01binary")
+    with pytest.raises(FrameScheduleError, match="sub-01_pet.json: not UTF-8 text"):
+        FrameSchedule.from_bids_json(pet_json)
+    blood = tmp_path / "sub-01_blood.tsv"
+    blood.write_text("time\twhole_blood_radioactivity\n0\t0\n10\t5\n")
+    blood.with_suffix(".json").write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    with pytest.raises(InputFunctionError, match="sub-01_blood.json: not UTF-8 text"):
+        InputFunction.from_blood_tsv(blood)
+    blood.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(InputFunctionError, match="sub-01_blood.tsv: cannot read as TSV"):
+        InputFunction.from_blood_tsv(blood)

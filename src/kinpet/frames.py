@@ -131,9 +131,11 @@ class FrameSchedule:
         """Read FrameTimesStart and FrameDuration (s) from a PET-BIDS ``_pet.json`` sidecar."""
         path = Path(path)
         try:
-            meta = json.loads(path.read_text())
+            meta = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FrameScheduleError(f"{path}: file not found") from None
+        except UnicodeDecodeError as err:
+            raise FrameScheduleError(f"{path}: not UTF-8 text ({err})") from None
         except json.JSONDecodeError as err:
             raise FrameScheduleError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(meta, dict):

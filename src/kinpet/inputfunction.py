@@ -201,7 +201,9 @@ class InputFunction:
         meta = {}
         if sidecar.exists():
             try:
-                meta = json.loads(sidecar.read_text())
+                meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as err:
+                raise InputFunctionError(f"{sidecar}: not UTF-8 text ({err})") from None
             except json.JSONDecodeError as err:
                 raise InputFunctionError(f"{sidecar}: not valid JSON ({err})") from None
         column_units = units or (meta.get(name) or {}).get("Units")

@@ -496,11 +496,9 @@ def read_slices(path) -> dict:
     (str), ``shape`` [3] and ``affine`` [4, 4] of the 2.5-mm grid, ``label_index`` and
     ``label_name`` (the label table).
     """
-    path = Path(path)
-    if not path.exists():
-        raise KinpetInputError(f"{path}: file not found")
-    with _naming_corrupt_file(path), np.load(path, allow_pickle=False) as data:
-        out = {key: data[key] for key in data.files}
+    from kinpet.readers import read_npz
+
+    out = read_npz(path)
     missing = [k for k in SLICE_KEYS if k not in out]
     if missing:
         raise KinpetInputError(f"{path}: missing array(s) {', '.join(missing)}")

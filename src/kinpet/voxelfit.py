@@ -50,8 +50,9 @@ def read_chunk(image, z0: int, z1: int) -> np.ndarray:
 
 
 def write_slabs(image, path) -> tuple[int, ...]:
-    """Write a 4-D image (nibabel, [X, Y, Z, T]) as a float32 ``.npy`` of shape
-    [Z, X, Y, T] (C order: the slices one after the other), atomically; return the shape.
+    """Write a 4-D image (an array [X, Y, Z, T], or a nibabel image) as a float32 ``.npy``
+    of shape [Z, X, Y, T] (C order: the slices one after the other), atomically; return
+    the shape.
 
     The values are those :func:`read_chunk` returns; :func:`read_slab` reads them back
     slices [z0, z1) at a time. The image is decompressed once, here, instead of once per
@@ -59,7 +60,7 @@ def write_slabs(image, path) -> tuple[int, ...]:
     """
     from kinpet.atomic import atomic_path
 
-    data = np.asarray(image.dataobj, dtype=np.float32)
+    data = np.asarray(getattr(image, "dataobj", image), dtype=np.float32)
     if data.ndim != 4:
         raise ValueError(f"not a 4-D image: shape {data.shape}")
     shape = (data.shape[2], data.shape[0], data.shape[1], data.shape[3])

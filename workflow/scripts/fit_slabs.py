@@ -3,11 +3,13 @@ each fit_chunk job reads only its own slices (kinpet.voxelfit.write_slabs)."""
 
 import sys
 
-import nibabel as nib
+import numpy as np
 
+from kinpet.readers import read_volume, script_log
 from kinpet.voxelfit import write_slabs
 
-sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects the object)
+script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
-shape = write_slabs(nib.load(sm.input.pet), sm.output.slabs)
+# Read here, inside the check: a truncated or corrupt image is named in one line.
+shape = write_slabs(read_volume(sm.input.pet, np.float32, ndim=4), sm.output.slabs)
 print(f"{sm.input.pet} -> {sm.output.slabs}: [Z, X, Y, T] = {list(shape)}", file=sys.stderr)
