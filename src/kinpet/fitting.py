@@ -39,7 +39,6 @@ and a ``status`` code saying why; the rest of the batch is fitted normally.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -48,6 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kinpet.constants import F18_HALF_LIFE_MIN as F18_HALF_LIFE_MIN
+from kinpet.constants import F18_LAMBDA_PER_MIN as F18_LAMBDA_PER_MIN
 from kinpet.delayfit import DELAY_STEP_S, fit_with_delay
 from kinpet.fastfit import DEFAULT_BETA_GRID, fit_curves
 from kinpet.fastfit import beta_values as beta_values  # kept importable from here
@@ -57,8 +58,7 @@ from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES, KineticMo
 
 METHODS = ("fast", "curve_fit", "curve_fit_paper")
 WEIGHT_SCHEMES = ("none", "duration", "duration_decay")
-F18_HALF_LIFE_MIN = 109.771
-F18_LAMBDA_PER_MIN = math.log(2.0) / F18_HALF_LIFE_MIN
+
 # The paper's curve_fit start (De Benetti et al. 2023; docs/fitting.md).
 PAPER_P0 = (0.1, 0.1, 0.01, 0.01)
 # Four parameters need at least four informative frames.

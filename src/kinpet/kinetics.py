@@ -29,14 +29,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kinpet.constants import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES, PARAMETER_UNITS
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 
-PARAMETER_NAMES = ("K1", "k2", "k3", "Vb")
-PARAMETER_UNITS = ("ml/cm3/min", "1/min", "1/min", "1")
-# Bounds of the paper (Sec. 2.2): the network's multi-clamp and curve_fit use the same.
-PAPER_LOWER = (0.01, 0.01, 0.01, 0.0)
-PAPER_UPPER = (2.0, 3.0, 1.0, 1.0)
+__all__ = ["PAPER_LOWER", "PAPER_UPPER", "PARAMETER_NAMES", "PARAMETER_UNITS"]  # and below
 SAMPLING_MODES = ("average", "mid", "paper")
 
 # Below this value of x = beta*h the phi functions use their Taylor series (8 terms,

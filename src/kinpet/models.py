@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER
+from kinpet.constants import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES, PARAMETER_UNITS
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ class Model:
         return np.stack([params4[..., IRREVERSIBLE_NAMES.index(p)] for p in self.parameters], -1)
 
 
-IRREVERSIBLE_NAMES = ("K1", "k2", "k3", "Vb")
-_UNITS = {"K1": "mL/cm3/min", "k2": "1/min", "k3": "1/min", "Vb": "fraction"}
+IRREVERSIBLE_NAMES = PARAMETER_NAMES
+_UNITS = dict(zip(PARAMETER_NAMES, PARAMETER_UNITS, strict=True))
 
 
 def _ki(p):
@@ -121,7 +121,7 @@ MODELS = {
     "irreversible_2tc": Model(
         "irreversible_2tc",
         IRREVERSIBLE_NAMES,
-        {**_UNITS, "Ki": "mL/cm3/min"},
+        {**_UNITS, "Ki": "ml/cm3/min"},
         tuple(PAPER_LOWER),
         tuple(PAPER_UPPER),
         macro={"Ki": _ki},
@@ -129,7 +129,7 @@ MODELS = {
     "reversible_2tc": Model(
         "reversible_2tc",
         ("K1", "k2", "k3", "k4", "Vb"),
-        {**_UNITS, "k4": "1/min", "VT": "mL/cm3", "VS": "mL/cm3"},
+        {**_UNITS, "k4": "1/min", "VT": "ml/cm3", "VS": "ml/cm3"},
         (*PAPER_LOWER[:3], K4_LOWER, PAPER_LOWER[3]),
         (*PAPER_UPPER[:3], K4_UPPER, PAPER_UPPER[3]),
         macro={"VT": _vt_reversible, "VS": _vs},
@@ -138,7 +138,7 @@ MODELS = {
     "one_tc": Model(
         "one_tc",
         ("K1", "k2", "Vb"),
-        {"K1": _UNITS["K1"], "k2": _UNITS["k2"], "Vb": _UNITS["Vb"], "VT": "mL/cm3"},
+        {"K1": _UNITS["K1"], "k2": _UNITS["k2"], "Vb": _UNITS["Vb"], "VT": "ml/cm3"},
         (PAPER_LOWER[0], PAPER_LOWER[1], PAPER_LOWER[3]),
         (PAPER_UPPER[0], PAPER_UPPER[1], PAPER_UPPER[3]),
         held={"k3": 0.0},

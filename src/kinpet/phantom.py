@@ -49,6 +49,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import cKDTree
 
+from kinpet.constants import F18_HALF_LIFE_MIN as F18_HALF_LIFE_MIN
+from kinpet.constants import F18_LAMBDA_PER_MIN as F18_LAMBDA_PER_MIN
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES, KineticModel, ki
@@ -94,8 +96,7 @@ BLOOD_MODEL_PARAMS = (0.0, 0.01, 0.01, 1.0)
 # kBq min/ml under it after 60 min, so 0.1/min gives ~200 kBq/ml at the end of the scan,
 # ~4 times the liver.
 BLADDER_CLEARANCE_PER_MIN = 0.1
-F18_HALF_LIFE_MIN = 109.771
-F18_LAMBDA_PER_MIN = np.log(2.0) / F18_HALF_LIFE_MIN
+
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 # Slabs hold at most this many voxels: the model's float64 output is then ~130 MB.
 _SLAB_VOXELS = 262_144

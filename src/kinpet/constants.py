@@ -1,0 +1,17 @@
+"""Constants used across kinpet, in one torch-free place.
+
+The irreversible two-tissue model's parameters, their units and the paper's bounds
+(De Benetti et al. 2023, Sec. 2.2: the network's multi-clamp and curve_fit use the same),
+and the F-18 decay constant.
+"""
+
+import math
+
+PARAMETER_NAMES = ("K1", "k2", "k3", "Vb")
+PARAMETER_UNITS = ("ml/cm3/min", "1/min", "1/min", "1")
+PAPER_LOWER = (0.01, 0.01, 0.01, 0.0)
+PAPER_UPPER = (2.0, 3.0, 1.0, 1.0)
+
+# F-18 half-life (min), as in NIST's table of radionuclide half-lives (109.77 min).
+F18_HALF_LIFE_MIN = 109.771
+F18_LAMBDA_PER_MIN = math.log(2.0) / F18_HALF_LIFE_MIN
