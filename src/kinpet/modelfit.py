@@ -25,8 +25,8 @@ import torch
 
 from kinpet.fitting import (
     STATUS_FAILED,
-    STATUS_NAMES,
     STATUS_OK,
+    FitResult,
     bounded_curve_fit,
     frame_weights,
     screen_curves,
@@ -44,28 +44,14 @@ _FACES = tuple(f for f in itertools.product((True, False), repeat=3) if any(f))
 
 
 @dataclass
-class ModelFitResult:
-    """Fitted parameters of N curves of one model (the model's parameter order)."""
+class ModelFitResult(FitResult):
+    """A :class:`kinpet.fitting.FitResult` of another model: ``params`` [N, n] in the
+    model's parameter order, ``ki`` NaN (not defined for the reversible model)."""
 
-    params: np.ndarray
-    sse: np.ndarray
-    ok: np.ndarray
-    status: np.ndarray
-    model: str
-    method: str
-    sampling: str
-    weights: str
-    delay_s: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.sse.size)
-
-    def reasons(self) -> list[str]:
-        """The status of every curve in words."""
-        return [STATUS_NAMES[s] for s in self.status]
+    model: str = "reversible_2tc"
 
     def as_dict(self) -> dict:
-        """Columns of the parameters, SSE, ok and status."""
+        """Columns of the model's parameters, SSE, ok and status."""
         names = get_model(self.model).parameters
         out = {name: self.params[:, i] for i, name in enumerate(names)}
         out.update(SSE=self.sse, ok=self.ok, status=self.reasons())
@@ -299,6 +285,5 @@ def fit_reversible(
     status[failed] = STATUS_FAILED
     params[status != STATUS_OK], sse[status != STATUS_OK] = np.nan, np.nan
     scheme = weights if isinstance(weights, str) else "custom"
-    return ModelFitResult(
-        params, sse, status == STATUS_OK, status, "reversible_2tc", method, sampling, scheme
-    )
+    ki = np.full(len(y), np.nan)
+    return ModelFitResult(params, ki, sse, status == STATUS_OK, status, method, sampling, scheme)
