@@ -706,7 +706,7 @@ def test_fit_tacs_fixed_parameters(real_tacs_path, tmp_path, capsys):
     code, _, err = run_cli([*args[:-2], "--fixed", "Vb", "-o", str(out)], capsys)
     assert code == 2 and "--fixed 'Vb': expected NAME=VALUE" in err
     code, _, err = run_cli([*args[:-2], "--fixed", "V_b=0.1", "-o", str(out)], capsys)
-    assert code == 2 and "--fixed ['V_b']: not a parameter of irreversible_2tc" in err
+    assert code == 2 and "fixed ['V_b']: not a parameter of irreversible_2tc" in err
 
 
 # -- input delay (delay_bounds_s) ---------------------------------------------------------------

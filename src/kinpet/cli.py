@@ -114,14 +114,14 @@ def _check_outputs(args) -> None:
 def cmd_fit_tacs(args) -> None:
     import pandas as pd
 
-    from kinpet.fitting import fit, flag_negative
+    from kinpet.fitting import flag_negative
     from kinpet.io import (
         NEGATIVE_TOLERANCE,
         KinpetInputError,
         read_region_curves,
         write_table_atomic,
     )
-    from kinpet.models import get_model, result_columns
+    from kinpet.models import check_fixed, get_model, result_columns
 
     _check_outputs(args)
     fixed = _parse_fixed(args.fixed)
@@ -160,24 +160,12 @@ def cmd_fit_tacs(args) -> None:
             sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
         return
     model = get_model(args.model)
-    if set(fixed) - set(model.parameters):
-        raise KinpetInputError(
-            f"--fixed {sorted(set(fixed) - set(model.parameters))}: not a parameter of "
-            f"{model.name} {model.parameters}"
-        )
-    options = dict(method=args.method, weights=args.weights, sampling=args.sampling)
-    if model.irreversible_form:
-        result = fit(curves, inp, frames, **options, fixed={**fixed, **model.held},
-                     delay_bounds_s=args.fit_delay, blood_function=blood)  # fmt: skip
-    else:
-        from kinpet.modelfit import fit_reversible
+    check_fixed(model, fixed)
+    from kinpet.modelfit import fit_model
 
-        if args.fit_delay is not None or args.method == "curve_fit_paper":
-            raise KinpetInputError(
-                f"--model {model.name}: --fit-delay and --method curve_fit_paper are not "
-                "available for it yet (methods: fast, curve_fit)"
-            )
-        result = fit_reversible(curves, inp, frames, **options, fixed=fixed, blood_function=blood)
+    result = fit_model(curves, model.name, inp, frames, method=args.method, weights=args.weights,
+                       sampling=args.sampling, fixed=fixed, delay_bounds_s=args.fit_delay,
+                       blood_function=blood)  # fmt: skip
     for i in flag_negative(result, curves, NEGATIVE_TOLERANCE):
         low, high = np.nanmin(curves[i]), np.nanmax(curves[i])
         warnings.warn(

@@ -9,9 +9,6 @@ import numpy as np
 
 from kinpet import __version__
 
-MODEL_LABEL = "irreversible2tc"  # the BIDS "model" entity: letters and digits only
-
-
 BLOOD_COLUMN_HELP = (
     "auto (default: plasma for the tissue and whole blood for the Vb term when the file has "
     "both, else the one it has), whole_blood, plasma or a column name (one curve for both)"
@@ -39,12 +36,17 @@ def add_parser(sub) -> None:
     where.add_argument(
         "--labels", help="3-D label map: the voxels > 0 are fitted; each label is a region"
     )
+    p.add_argument(
+        "--model", choices=("irreversible_2tc", "one_tc", "reversible_2tc"),
+        default="irreversible_2tc",
+        help="kinetic model (default irreversible_2tc; reversible_2tc: no --fit-delay yet)",
+    )  # fmt: skip
     p.add_argument("--method", choices=("fast", "curve_fit"), default="fast")
     p.add_argument("--weights", choices=("none", "duration", "duration_decay"), default="none")
     p.add_argument("--sampling", choices=("average", "mid", "paper"), default="average")
     p.add_argument(
         "--fixed", action="append", default=[], metavar="NAME=VALUE",
-        help="hold a parameter (K1, k2, k3, Vb) at a value; repeatable",
+        help="hold a parameter of the model (e.g. Vb) at a value; repeatable",
     )  # fmt: skip
     p.add_argument(
         "--fit-delay", nargs=2, type=float, metavar=("LO", "HI"),
@@ -74,16 +76,11 @@ def cmd_fit_image(args) -> None:
     import torch
 
     from kinpet.cli import _parse_fixed, _say_inputs
-    from kinpet.fitimage import (
-        MAP_UNITS,
-        fit_image,
-        map_file_names,
-        region_delays,
-        slab_slices,
-    )
+    from kinpet.fitimage import fit_image, map_file_names, map_units, region_delays, slab_slices
     from kinpet.frames import FrameSchedule
     from kinpet.inputfunction import InputFunction
     from kinpet.io import KinpetInputError, write_json, write_nifti
+    from kinpet.models import bids_label, check_fixed, get_model
     from kinpet.readers import dynamic_slab_reader, read_nifti_header, read_volume
 
     pet = Path(args.pet)
@@ -93,8 +90,12 @@ def cmd_fit_image(args) -> None:
     prefix = args.prefix or _prefix(pet)
     fixed = _parse_fixed(args.fixed)
     delay = args.fit_delay is not None
-    names = map_file_names(prefix, MODEL_LABEL, delay)
-    sidecar = out_dir / f"{prefix}_model-{MODEL_LABEL}_mimap.json"
+    model = get_model(args.model)
+    check_fixed(model, fixed)
+    if delay and not model.irreversible_form:
+        raise KinpetInputError(f"--model {model.name}: --fit-delay is not available for it yet")
+    names = map_file_names(prefix, model.name, delay)
+    sidecar = out_dir / f"{prefix}_model-{bids_label(model)}_mimap.json"
     inputs = {p.resolve() for p in (pet, pet_json, Path(args.blood_tsv), regions_path)}
     for out in [*(out_dir / n for n in names.values()), sidecar]:
         if out.resolve() in inputs:
@@ -136,7 +137,8 @@ def cmd_fit_image(args) -> None:
 
     read_slab = dynamic_slab_reader(pet)
     per_slab = slab_slices(grid.shape, args.memory_mb)
-    options = dict(method=args.method, weights=args.weights, sampling=args.sampling)
+    options = dict(model=model.name, method=args.method, weights=args.weights)
+    options["sampling"] = args.sampling
     options.update(fixed=fixed, blood_function=blood)
     if args.method == "curve_fit":
         options["n_jobs"] = max(1, torch.get_num_threads())
@@ -163,8 +165,8 @@ def cmd_fit_image(args) -> None:
     for name, volume in volumes.items():
         write_nifti(out_dir / names[name], volume, grid.affine, np.float32)
     meta = {
-        "Description": "Parametric maps of the irreversible two-tissue model (k4 = 0) with Vb",
-        "ModelName": "irreversible_2tc",
+        "Description": f"Parametric maps of {model.description}",
+        "ModelName": model.name,
         "Method": args.method,
         "Sampling": args.sampling,
         "FrameWeights": args.weights,
@@ -182,7 +184,7 @@ def cmd_fit_image(args) -> None:
             if delay
             else None
         ),
-        "Units": {name: MAP_UNITS[name] for name in volumes},
+        "Units": {name: map_units(model.name)[name] for name in volumes},
         "Files": {name: names[name] for name in volumes},
         "SoftwareName": "kinpet",
         "SoftwareVersion": __version__,

@@ -16,17 +16,13 @@ import numpy as np
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.voxelfit import MAP_NAMES, fit_chunk
+from kinpet.models import bids_label, get_model, map_names, result_columns
 
-MAP_UNITS = {
-    "K1": "mL/cm3/min",
-    "k2": "1/min",
-    "k3": "1/min",
-    "Vb": "fraction",
-    "Ki": "mL/cm3/min",
-    "SSE": "(kBq/mL)^2",
-    "delay": "s",
-}
+
+def map_units(model: str) -> dict[str, str]:
+    """Unit of each map of a fit of ``model`` (and of the delay map)."""
+    spec = get_model(model)
+    return {**spec.units, "SSE": "(kBq/ml)^2", "delay": "s"}
 
 
 def slab_slices(shape, budget_mb: float) -> int:
@@ -63,13 +59,15 @@ def region_delays(
     input_function: InputFunction,
     frames: FrameSchedule,
     delay_bounds_s,
+    model: str = "irreversible_2tc",
     **fit_options,
 ) -> dict[int, float]:
     """The input delay (s) of each region, fitted on its mean curve (label -> delay)."""
-    from kinpet.fitting import fit
+    from kinpet.modelfit import fit_model
 
     labels, curves = region_mean_curves(read_slab, regions, per_slab)
-    result = fit(curves, input_function, frames, delay_bounds_s=delay_bounds_s, **fit_options)
+    result = fit_model(curves, model, input_function, frames, delay_bounds_s=delay_bounds_s,
+                       **fit_options)  # fmt: skip
     return {int(label): float(d) for label, d in zip(labels, result.delay_s, strict=True)}
 
 
@@ -81,10 +79,11 @@ def fit_image(
     per_slab: int,
     delays: dict[int, float] | None = None,
     progress: Callable[[str], None] | None = None,
+    model: str = "irreversible_2tc",
     **fit_options,
 ) -> np.ndarray:
-    """Fit every voxel with ``regions > 0``; maps [X, Y, Z, 6] (:data:`MAP_NAMES`, NaN
-    elsewhere, float32).
+    """Fit every voxel with ``regions > 0``; maps [X, Y, Z, M] (the ``model``'s
+    :func:`kinpet.models.map_names`, NaN elsewhere and where a fit failed, float32).
 
     Parameters
     ----------
@@ -100,30 +99,38 @@ def fit_image(
         Region label -> input delay (s) held for its voxels.
     progress : callable, optional
         Called with one line per slab.
+    model : str
+        A model of :data:`kinpet.models.MODELS`.
     **fit_options
-        Passed to :func:`kinpet.fitting.fit` (method, weights, sampling, fixed,
+        Passed to :func:`kinpet.modelfit.fit_model` (method, weights, sampling, fixed,
         blood_function, ...); a region's delay shifts ``blood_function`` too.
     """
+    from kinpet.modelfit import fit_model
+
+    spec = get_model(model)
+    names = map_names(spec)
     shape = regions.shape
-    maps = np.full((*shape, len(MAP_NAMES)), np.nan, dtype=np.float32)
+    maps = np.full((*shape, len(names)), np.nan, dtype=np.float32)
     bounds = slab_bounds(shape[2], per_slab)
     total = int((regions > 0).sum())
     done, started = 0, time.perf_counter()
-    everything = np.ones(shape[2], dtype=bool)
-    method = fit_options.pop("method", "fast")
     blood = fit_options.pop("blood_function", None)
     for i, (z0, z1) in enumerate(bounds):
         slab = read_slab(z0, z1)
         part = regions[:, :, z0:z1]
         groups = {0: part > 0} if delays is None else {k: part == k for k in delays}
         for label, inside in groups.items():
+            n = int(inside.sum())
+            if not n:
+                continue
             d = 0.0 if delays is None else delays[label]
             whole_blood = None if blood is None else blood.delayed(d)
-            out, n = fit_chunk(
-                slab, inside, 0, z1 - z0, everything, input_function.delayed(d), frames, method,
-                blood_function=whole_blood, **fit_options,
-            )  # fmt: skip
-            maps[:, :, z0:z1][inside] = out[inside]
+            result = fit_model(slab[inside], model, input_function.delayed(d), frames,
+                               blood_function=whole_blood, **fit_options)  # fmt: skip
+            columns = result_columns(spec, result)
+            values = np.column_stack([columns[name] for name in names])
+            values[~result.ok] = np.nan
+            maps[:, :, z0:z1][inside] = values
             done += n
         if progress is not None:
             elapsed = time.perf_counter() - started
@@ -136,6 +143,9 @@ def fit_image(
 
 
 def map_file_names(prefix: str, model: str, delay: bool) -> dict[str, str]:
-    """PET-BIDS derivative names of the maps: ``<prefix>_model-<model>_meas-<p>_mimap``."""
-    names = [*MAP_NAMES, "delay"] if delay else list(MAP_NAMES)
-    return {name: f"{prefix}_model-{model}_meas-{name}_mimap.nii.gz" for name in names}
+    """PET-BIDS derivative names of the maps of a fit of ``model``:
+    ``<prefix>_model-<label>_meas-<map>_mimap.nii.gz`` (label: :func:`bids_label`)."""
+    spec = get_model(model)
+    names = [*map_names(spec), "delay"] if delay else list(map_names(spec))
+    label = bids_label(spec)
+    return {name: f"{prefix}_model-{label}_meas-{name}_mimap.nii.gz" for name in names}

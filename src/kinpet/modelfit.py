@@ -34,7 +34,7 @@ from kinpet.fitting import (
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import KineticModel, _reversible_curves
-from kinpet.models import get_model
+from kinpet.models import check_fixed, get_model
 
 # Rates of the grid start (1/min): 0 (irreversible), then log-spaced.
 RATE_GRID = np.concatenate([[0.0], np.geomspace(1e-3, 5.0, 30)])
@@ -287,3 +287,53 @@ def fit_reversible(
     scheme = weights if isinstance(weights, str) else "custom"
     ki = np.full(len(y), np.nan)
     return ModelFitResult(params, ki, sse, status == STATUS_OK, status, method, sampling, scheme)
+
+
+def fit_model(
+    tacs,
+    model: str,
+    input_function: InputFunction,
+    frames: FrameSchedule,
+    method: str = "fast",
+    *,
+    fixed=None,
+    delay_bounds_s=None,
+    blood_function: InputFunction | None = None,
+    **options,
+) -> FitResult:
+    """Fit any model of :data:`kinpet.models.MODELS` to curves: one entry point.
+
+    The irreversible two-tissue model and the one-tissue model go to
+    :func:`kinpet.fitting.fit` (the latter with k3 held at 0), the reversible model to
+    :func:`fit_reversible`. Read the parameters with :func:`kinpet.models.result_columns`.
+
+    Parameters
+    ----------
+    tacs, input_function, frames, method, blood_function
+        As for :func:`kinpet.fitting.fit`.
+    model : str
+        The model's name.
+    fixed : mapping, optional
+        Parameters of the model held at a value; names are checked against the model's.
+    delay_bounds_s : (lo, hi), optional
+        Fit an input delay per curve (not yet for ``reversible_2tc``).
+    **options
+        Passed on (weights, sampling, bounds, n_jobs, ...).
+    """
+    from kinpet.fitting import fit
+
+    spec = get_model(model)
+    fixed = dict(fixed or {})
+    check_fixed(spec, fixed)
+    if spec.irreversible_form:
+        held = {**fixed, **spec.held}
+        options.update(delay_bounds_s=delay_bounds_s, blood_function=blood_function)
+        return fit(tacs, input_function, frames, method=method, fixed=held, **options)
+    if delay_bounds_s is not None or method == "curve_fit_paper":
+        raise ValueError(
+            f"model {spec.name}: a fitted delay and method 'curve_fit_paper' are not "
+            "available for it yet (methods: fast, curve_fit)"
+        )
+    options.pop("n_jobs", None)  # curve_fit of this model runs in this process
+    return fit_reversible(tacs, input_function, frames, method, fixed=fixed,
+                          blood_function=blood_function, **options)  # fmt: skip

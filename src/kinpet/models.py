@@ -31,6 +31,8 @@ class Model:
     Attributes
     ----------
     name : str
+    description : str
+        One line, for sidecars and figure titles.
     parameters : tuple of str
         Names of its parameters, in the order of its parameter arrays.
     units : dict
@@ -48,6 +50,7 @@ class Model:
     """
 
     name: str
+    description: str
     parameters: tuple[str, ...]
     units: dict
     lower: tuple[float, ...]
@@ -120,6 +123,7 @@ K4_LOWER, K4_UPPER = 0.0, 1.0
 MODELS = {
     "irreversible_2tc": Model(
         "irreversible_2tc",
+        "the irreversible two-tissue model (k4 = 0) with Vb",
         IRREVERSIBLE_NAMES,
         {**_UNITS, "Ki": "ml/cm3/min"},
         tuple(PAPER_LOWER),
@@ -128,6 +132,7 @@ MODELS = {
     ),
     "reversible_2tc": Model(
         "reversible_2tc",
+        "the reversible two-tissue model with Vb",
         ("K1", "k2", "k3", "k4", "Vb"),
         {**_UNITS, "k4": "1/min", "VT": "ml/cm3", "VS": "ml/cm3"},
         (*PAPER_LOWER[:3], K4_LOWER, PAPER_LOWER[3]),
@@ -137,6 +142,7 @@ MODELS = {
     ),
     "one_tc": Model(
         "one_tc",
+        "the one-tissue model with Vb",
         ("K1", "k2", "Vb"),
         {"K1": _UNITS["K1"], "k2": _UNITS["k2"], "Vb": _UNITS["Vb"], "VT": "ml/cm3"},
         (PAPER_LOWER[0], PAPER_LOWER[1], PAPER_LOWER[3]),
@@ -168,3 +174,20 @@ def result_columns(model: Model, result) -> dict:
         if name in rest:
             out[name] = rest[name]
     return out
+
+
+def map_names(model: Model) -> tuple[str, ...]:
+    """The maps of a voxel-wise fit of ``model``: its parameters, macro-parameters, SSE."""
+    return (*model.parameters, *model.macro, "SSE")
+
+
+def bids_label(model: Model) -> str:
+    """The model's PET-BIDS ``model`` entity (letters and digits only)."""
+    return model.name.replace("_", "")
+
+
+def check_fixed(model: Model, fixed) -> None:
+    """A ValueError when ``fixed`` names a parameter that ``model`` does not have."""
+    unknown = sorted(set(fixed or {}) - set(model.parameters))
+    if unknown:
+        raise ValueError(f"fixed {unknown}: not a parameter of {model.name} {model.parameters}")
