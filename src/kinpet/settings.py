@@ -16,7 +16,6 @@ LOSS_WEIGHTS = ("none", "duration", "duration_decay", "blend")
 SCHEDULES = ("step", "cosine", "multistep")
 SAMPLINGS = ("average", "mid", "paper")
 LOSSES = ("curves", "newton")
-PIXEL_WEIGHTS = ("none", "balanced", "balanced_sqrt")
 
 # Training recipes: the values a recipe gives the settings that are left unset (None) in
 # TrainSettings. The one place where a recipe expands (TrainSettings.__post_init__).
@@ -160,11 +159,6 @@ class TrainSettings:
         mean squared distance of log beta to it. Still label-free, but every pixel pulls
         at the same rate however flat its cost: the curve loss barely sees beta where
         exchange is fast (the spleen), this one does.
-    pixel_weights : {"none", "balanced", "balanced_sqrt"}
-        Weights of the pixels in the curve loss: equal (published), or the inverse (square
-        root of the inverse) of how common each pixel's own least-squares beta is among
-        the training pixels (:mod:`kinpet.balance`; label-free), so that a rare tissue
-        such as the spleen counts.
     """
 
     convolution: str = "space_time"
@@ -197,7 +191,6 @@ class TrainSettings:
     shared_temporal: bool | None = None
     decimate_time: bool | None = None
     loss: str | None = None
-    pixel_weights: str = "none"
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -218,12 +211,6 @@ class TrainSettings:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        if self.pixel_weights not in PIXEL_WEIGHTS:
-            raise ValueError(
-                f"pixel_weights must be one of {PIXEL_WEIGHTS}, not {self.pixel_weights!r}"
-            )
-        if self.pixel_weights != "none" and self.loss != "curves":
-            raise ValueError("pixel_weights apply to loss 'curves' only")
         if self.loss == "newton" and not self.projection:
             raise ValueError(f"loss {self.loss!r} needs projection: true (it steps beta = k2 + k3)")
 

@@ -186,17 +186,12 @@ def subject_projection(input_function: InputFunction, frames: FrameSchedule, set
     return functools.partial(project_maps, model=model, weights=weights)
 
 
-def masked_mse(
-    predicted: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, weights=None, pixels=None
-):
+def masked_mse(predicted: torch.Tensor, measured: torch.Tensor, mask: torch.Tensor, weights=None):
     """Mean squared error over the masked pixels' frames ([B, T, H, W], mask [B, H, W]).
 
-    ``weights`` ([T], mean 1, optional) weighs each frame's squared error, ``pixels``
-    ([B, H, W], optional) each pixel's (a weighted mean over the masked pixels).
+    ``weights`` ([T], mean 1, optional) weighs each frame's squared error.
     """
     weight = mask[:, None].to(predicted.dtype)
-    if pixels is not None:
-        weight = weight * pixels[:, None].to(predicted)
     count = weight.sum() * predicted.shape[1]
     if weights is not None:
         weight = weight * weights.to(predicted).view(1, -1, 1, 1)
@@ -357,18 +352,17 @@ def batch_mask(meas, rows, data: SliceSet, settings: TrainSettings) -> torch.Ten
     return activity_mask(meas * scale, data.frames, settings.mask_threshold, settings.mask_auc)
 
 
-def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights, pixels=None):
+def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights):
     """The self-supervised loss of one batch ``meas`` ([B, T, H, W], on the model's device;
     the slices ``rows`` of ``data``, scaled as ``data``): masked, frame-weighted MSE
-    between the measured and the model TACs of the predicted parameters, each pixel
-    weighted by ``pixels`` [B, H, W] when given (``settings.pixel_weights``); with
+    between the measured and the model TACs of the predicted parameters; with
     ``settings.loss == "newton"``, :func:`newton_loss`."""
     if settings.loss == "newton":
         return newton_loss(model, meas, rows, data, settings, weights)
     # The paper pads time with zeros in training, replicated frames in validation.
     params = network_parameters(model, meas, rows, data, settings, weights, "zeros")
     pred = model_tacs(params, data.subject[rows], data.models)
-    return masked_mse(pred, meas, batch_mask(meas, rows, data, settings), weights, pixels)
+    return masked_mse(pred, meas, batch_mask(meas, rows, data, settings), weights)
 
 
 def newton_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights):
@@ -453,12 +447,6 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
     schedule = learning_rate_schedule(optimizer, settings)
     weights = loss_weights(train_set.frames, settings, device)
-    pixels = None
-    if settings.pixel_weights != "none":
-        from kinpet.balance import pixel_weight_maps
-
-        frame_w = weights.cpu().double().numpy()
-        pixels = torch.from_numpy(pixel_weight_maps(train_set, settings, frame_w, stream)).float()
     fingerprint = data_fingerprint(train_set, val_set)
     start_epoch, best = 0, {"val_loss": math.inf, "epoch": -1}
     last_path, best_path = state_dir / "last.pt", state_dir / "best.pt"
@@ -510,16 +498,9 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
         running, seen = 0.0, 0
         for b, rows in enumerate(order.split(settings.batch_size)):
             meas = train_set.tacs[rows]
-            if pixels is not None:  # a last "frame" that flips with the curves
-                meas = torch.cat([meas, pixels[rows][:, None]], dim=1)
             if settings.flips:
                 meas = random_flips(meas, generator)
-            batch_pixels = None
-            if pixels is not None:
-                meas, batch_pixels = meas[:, :-1], meas[:, -1].to(device)
-            loss = training_loss(
-                model, meas.to(device), rows, train_set, settings, weights, batch_pixels
-            )
+            loss = training_loss(model, meas.to(device), rows, train_set, settings, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -128,7 +128,6 @@ _SETTING_KEYS = (
     "shared_temporal",
     "decimate_time",
     "loss",
-    "pixel_weights",
 )
 # The settings of kinpet.training.TrainSettings, in two layers (settings_from_config): a
 # recipe named in a --configfile / --config overrides the keys of config/config.yaml
