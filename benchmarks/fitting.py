@@ -16,6 +16,7 @@ memory of fitting N curves (float32 input, in chunks).
     .venv/bin/python benchmarks/fitting.py [--n 300] [--n-speed 200000] [--jobs 2]
         [--threads 2] [--workers 2] [--grid 100] [--lm-iterations 15] [--tie-tolerance T]
     .venv/bin/python benchmarks/fitting.py --memory 5000000 --n 0 --n-speed 0
+    .venv/bin/python benchmarks/fitting.py --n 0 --n-speed 0 --reversible 20000
 
 CPU time (``time.process_time``) is printed beside wall time because the development
 machine is shared: with other jobs running, wall time says more about them than about us.
@@ -170,6 +171,43 @@ def speed(args, frames, idif, var_per_c):
           "(published GPU Levenberg-Marquardt: ~75,000 curves/s)")  # fmt: skip
 
 
+def reversible(args, frames, idif, var_per_c):
+    """The reversible two-tissue model: fast against curve_fit on the same noisy curves,
+    and the fast fitter's speed as a ratio to the irreversible model's on as many curves of
+    that model, measured in the same run."""
+    from kinpet.kinetics import reversible_2tc
+    from kinpet.modelfit import fit_reversible
+
+    n = args.reversible
+    rng = np.random.default_rng(args.seed + 2)
+    irreversible, y_irr = synthetic(n, frames, idif, var_per_c, seed=args.seed + 3)
+    k4 = 0.01 * rng.lognormal(0.0, 0.5, n)  # FDG's k4 is ~0.01 /min in most tissue
+    truth = np.column_stack([irreversible[:, :3], k4, irreversible[:, 3]])
+    clean = reversible_2tc(truth, idif, frames)
+    y = clean + rng.normal(size=clean.shape) * np.sqrt(np.abs(clean) * var_per_c)
+    opts = {"weights": args.weights, "sampling": args.sampling}
+    fit(y_irr[:200], idif, frames, **opts)  # warm-up
+    fit_reversible(y[:200], idif, frames, **opts)
+    _, bw, _ = timed(lambda: fit(y_irr, idif, frames, **opts, **fast_opts(args)))
+    fast, fw, fc = timed(lambda: fit_reversible(y, idif, frames, **opts))
+    m = min(n, args.reversible_reference)
+    ref, rw, _ = timed(lambda: fit_reversible(y[:m], idif, frames, method="curve_fit", **opts))
+    print(f"\n== reversible_2tc: {n} noisy curves (k4 ~ 0.01 /min, CV 50 %) ==")
+    print(
+        f"fast: {n / fw:,.0f} curves/s wall, {n / fc:,.0f} per CPU-second, ok {fast.ok.mean():.4f}"
+    )
+    print(f"  irreversible_2tc fast on {n} of its curves in the same run: {n / bw:,.0f} curves/s; "
+          f"reversible / irreversible speed: {bw / fw:.3f}")  # fmt: skip
+    print(f"curve_fit (from the same grid start) on {m}: {m / rw:,.1f} curves/s")
+    ratio = fast.sse[:m] / ref.sse
+    print(f"SSE fast / curve_fit: median {np.nanmedian(ratio):.6f}, max {np.nanmax(ratio):.6f}, "
+          f"share <= 1.001: {np.mean(ratio <= 1.001):.2%} (target >= 99 %)")  # fmt: skip
+    err = np.nanmedian(np.abs(fast.params - truth), axis=0)
+    names = ("K1", "k2", "k3", "k4", "Vb")
+    pairs = zip(names, err, strict=True)
+    print("median absolute error (fast): " + ", ".join(f"{k} {e:.4g}" for k, e in pairs))
+
+
 def memory(args, frames, idif, var_per_c):
     n = args.memory
     # Build the input in float32, block by block: 5 M x 62 x 4 bytes = 1.2 GB.
@@ -210,6 +248,12 @@ def main():
     parser.add_argument("--sampling", default="average")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-curve", action="store_true", help="print every curve's SSE ratio")
+    parser.add_argument(
+        "--reversible", type=int, default=0, help="curves for the reversible_2tc section"
+    )
+    parser.add_argument(
+        "--reversible-reference", type=int, default=200, help="of them, fitted by curve_fit too"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,6 +265,8 @@ def main():
         compare(args, frames, idif, var_per_c)
     if args.n_speed:
         speed(args, frames, idif, var_per_c)
+    if args.reversible:
+        reversible(args, frames, idif, var_per_c)
     if args.memory:
         memory(args, frames, idif, var_per_c)
 

@@ -25,6 +25,8 @@ the head's bias starts at typical FDG values.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -32,7 +34,7 @@ from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER
 
 CONVOLUTIONS = ("3d", "space_time")
 POOLINGS = ("3d", "space")
-ACTIVATIONS = ("abs", "clamp", "multi_clamp", "sigmoid")
+ACTIVATIONS = ("abs", "clamp", "multi_clamp", "sigmoid", "log_beta")
 HEAD_INITS = ("kinpet", "pytorch")
 # The published code's single clamp (all four channels to one range).
 SINGLE_CLAMP = (0.01, 3.0)
@@ -261,6 +263,9 @@ class KineticUNet(nn.Module):
             start = torch.tensor(INITIAL_PARAMETERS)
             if activation == "sigmoid":
                 start = bounded_logit(start, self.lower.view(4), self.upper.view(4))
+            if activation == "log_beta":
+                start = torch.zeros(4)
+                start[1] = math.log(INITIAL_PARAMETERS[1] + INITIAL_PARAMETERS[2])
             with torch.no_grad():
                 self.head[1].bias.copy_(start)
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -293,6 +298,8 @@ class KineticUNet(nn.Module):
     def final_activation(self, logits: torch.Tensor) -> torch.Tensor:
         if self.activation == "abs":
             return logits.abs()
+        if self.activation == "log_beta":
+            return log_beta_parameters(logits, self.lower, self.upper)
         if self.activation == "sigmoid":
             return bounded_sigmoid(logits, self.lower, self.upper)
         if self.activation == "clamp":
@@ -338,6 +345,25 @@ def bounded_logit(values: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     linear = (values - lower) / (upper - lower)
     s = torch.where(positive, geometric, linear)
     return torch.log(s) - torch.log1p(-s)
+
+
+def log_beta_parameters(logits: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
+    """Parameters [B, 4, H, W] whose k2 + k3 is beta = exp(z), z the second logit: for
+    networks trained with projection, which takes only beta from the network.
+
+    The map has the same slope in log beta everywhere (a sigmoid flattens towards its
+    bounds, and the spleen's beta of ~2.8 /min sits near the top of k2 + k3's range):
+    beta is clamped to [k2_lo + k3_lo, k2_hi + k3_hi] with a straight-through gradient,
+    k3 is held at its lower bound and k2 = beta - k3; K1 and Vb are placeholders that the
+    projection replaces (sigmoids of the other logits, inside their bounds).
+    """
+    lo = lower[:, 1] + lower[:, 2]
+    hi = upper[:, 1] + upper[:, 2]
+    # Clamped in log space: the gradient is beta times the loss's, bounded by hi.
+    beta = torch.exp(_StraightThroughClamp.apply(logits[:, 1], torch.log(lo), torch.log(hi)))
+    others = bounded_sigmoid(logits, lower, upper)
+    k3 = lower[:, 2].expand_as(beta)
+    return torch.stack([others[:, 0], beta - k3, k3, others[:, 3]], dim=1)
 
 
 def count_parameters(model: nn.Module) -> int:

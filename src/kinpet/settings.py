@@ -211,6 +211,8 @@ class TrainSettings:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.activation == "log_beta" and not self.projection:
+            raise ValueError("activation 'log_beta' needs projection: true (it gives beta only)")
         if self.loss == "newton" and not self.projection:
             raise ValueError(f"loss {self.loss!r} needs projection: true (it steps beta = k2 + k3)")
 
