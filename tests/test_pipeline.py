@@ -686,7 +686,7 @@ def test_fit_image_equals_the_pipelines_fast_maps(tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "slab 1/" in err and "voxels" in err
     meta = json.loads((out / "sub-04_model-irreversible2tc_mimap.json").read_text())
-    assert meta["Method"] == "fast" and meta["Units"]["Ki"] == "mL/cm3/min"
+    assert meta["Method"] == "fast" and meta["Units"]["Ki"] == "ml/cm3/min"
     for name in ("K1", "k2", "k3", "Vb", "Ki"):
         ours = _map(out / f"sub-04_model-irreversible2tc_meas-{name}_mimap.nii.gz")
         pipeline = _map(tiny_run / f"results/fit/fast/sub-04/sub-04_desc-{name}_kinpar.nii.gz")
