@@ -349,3 +349,28 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(KinpetInputError, match="last.pt: cannot read the checkpoint"):
         load_model(path, device="cpu")
+
+
+def test_log_beta_activation_keeps_its_slope_and_the_bounds():
+    """beta = exp(z) inside [k2_lo + k3_lo, k2_hi + k3_hi] with d beta / dz = beta (so
+    d log beta / dz = 1, where a sigmoid's slope falls near the bounds), clamped outside
+    with the gradient kept; k3 at its bound, K1 and Vb inside theirs; needs projection."""
+    from kinpet.network import KineticUNet
+    from kinpet.settings import TrainSettings
+
+    net = KineticUNet(activation="log_beta")
+    z = torch.tensor([-6.0, np.log(0.05), 0.0, np.log(2.8), 3.0], dtype=torch.float32)
+    logits = torch.zeros(5, 4, 1, 1)
+    logits[:, 1, 0, 0] = z
+    logits.requires_grad_()
+    params = net.final_activation(logits)
+    beta = (params[:, 1] + params[:, 2]).flatten()
+    expected = torch.exp(z).clamp(0.02, 4.0)
+    torch.testing.assert_close(beta, expected, rtol=1e-6, atol=1e-7)
+    assert torch.all(params[:, 2] == 0.01)
+    lower, upper = net.lower.view(1, 4, 1, 1), net.upper.view(1, 4, 1, 1)
+    assert torch.all(params >= lower) and torch.all(params[:, [0, 3]] <= upper[:, [0, 3]])
+    beta.sum().backward()
+    torch.testing.assert_close(logits.grad[:, 1].flatten(), expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="'log_beta' needs projection"):
+        TrainSettings(activation="log_beta", projection=False)
