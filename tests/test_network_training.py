@@ -374,3 +374,19 @@ def test_log_beta_activation_keeps_its_slope_and_the_bounds():
     torch.testing.assert_close(logits.grad[:, 1].flatten(), expected, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="'log_beta' needs projection"):
         TrainSettings(activation="log_beta", projection=False)
+
+
+def test_blend_weights_mix_equal_and_duration_decay_weights():
+    from kinpet.fitting import frame_weights
+    from kinpet.settings import TrainSettings
+    from kinpet.training import loss_weights
+
+    decay = frame_weights(FRAMES, "duration_decay")
+    for share, expected in ((0.5, 0.5 * (decay + 1.0)), (1.0, np.ones(len(FRAMES))),
+                            (0.0, decay), (0.75, 0.75 + 0.25 * decay)):  # fmt: skip
+        got = loss_weights(FRAMES, TrainSettings(loss_weights="blend", blend_equal_share=share),
+                           "cpu")  # fmt: skip
+        np.testing.assert_array_equal(got.numpy(), expected)
+        assert got.mean().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="blend_equal_share must lie in"):
+        TrainSettings(blend_equal_share=1.5)

@@ -121,7 +121,8 @@ class TrainSettings:
         equal (the published code), proportional to its duration (a frame's noise
         variance is inversely proportional to its length, so the 2-s frames no longer
         weigh as much as the 300-s ones), duration times the F-18 decay factor, or
-        "blend": the mean of equal and duration-times-decay weights.
+        "blend": equal and duration-times-decay weights mixed, ``blend_equal_share`` of
+        the former (0.5: their mean).
     schedule : {"step", "cosine", "multistep"}
         "step": the learning rate is multiplied by ``gamma`` every ``halve_every`` epochs,
         for ever; "cosine": a linear warm-up over ``warmup_epochs``, then a cosine decay to
@@ -191,6 +192,7 @@ class TrainSettings:
     shared_temporal: bool | None = None
     decimate_time: bool | None = None
     loss: str | None = None
+    blend_equal_share: float = 0.5
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -211,6 +213,8 @@ class TrainSettings:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if not 0.0 <= self.blend_equal_share <= 1.0:
+            raise ValueError(f"blend_equal_share must lie in [0, 1], not {self.blend_equal_share}")
         if self.activation == "log_beta" and not self.projection:
             raise ValueError("activation 'log_beta' needs projection: true (it gives beta only)")
         if self.loss == "newton" and not self.projection:

@@ -338,8 +338,9 @@ def loss_weights(frames: FrameSchedule, settings: TrainSettings, device) -> torc
     """The frame weights [T] of the training loss, on ``device``."""
     if settings.loss_weights == "blend":
         # Equal weights keep the early frames (K1, the spleen's fast exchange); duration x
-        # decay the late ones (Ki). Their mean keeps both.
-        weights = 0.5 * (frame_weights(frames, "duration_decay") + 1.0)
+        # decay the late ones (Ki). A mix keeps both.
+        share = settings.blend_equal_share
+        weights = share + (1 - share) * frame_weights(frames, "duration_decay")
     else:
         weights = frame_weights(frames, settings.loss_weights)
     return torch.as_tensor(weights).to(device)

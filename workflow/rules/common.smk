@@ -128,6 +128,7 @@ _SETTING_KEYS = (
     "shared_temporal",
     "decimate_time",
     "loss",
+    "blend_equal_share",
 )
 # The settings of kinpet.training.TrainSettings, in two layers (settings_from_config): a
 # recipe named in a --configfile / --config overrides the keys of config/config.yaml
