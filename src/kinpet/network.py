@@ -156,12 +156,13 @@ class KineticUNet(nn.Module):
         Plain 3-D convolutions or the (2+1)-D spatial-then-temporal factorisation.
     pooling : {"3d", "space"}
         Max-pooling over space and time [2, 2, 2] or over space only [1, 2, 2].
-    activation : {"abs", "clamp", "multi_clamp", "sigmoid"}
+    activation : {"abs", "clamp", "multi_clamp", "sigmoid", "log_beta"}
         Final activation: absolute value, one clamp of all channels to [0.01, 3], a
         clamp of each channel to its parameter bounds, or a logistic map of each channel
         onto its bounds (:func:`bounded_sigmoid`: geometric for K1, k2, k3, linear for Vb),
         which keeps a gradient everywhere and puts small rate constants such as k3 = 0.01
-        as close to the logits' origin as large ones.
+        as close to the logits' origin as large ones; or, for networks trained with
+        projection, log(k2 + k3) alone (:func:`log_beta_parameters`).
     depth : int
         Number of pooling levels (4 in the paper).
     root_features : int

@@ -55,6 +55,7 @@ activations = {
     "clamp": "Clamp",
     "multi_clamp": "Multi-clamp",
     "sigmoid": "Sigmoid (kinpet)",
+    "log_beta": "log beta (kinpet)",
 }
 shown = pd.DataFrame(
     {
