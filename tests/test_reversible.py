@@ -80,7 +80,7 @@ def test_fixed_parameters_and_bounds():
                             fixed={"Vb": 0.05})  # fmt: skip
     assert (result.params[:, 4] == 0.05).all()
     np.testing.assert_allclose(result.params, truth, rtol=1e-3)
-    with pytest.raises(ValueError, match="'Ki' is not a parameter of reversible_2tc"):
+    with pytest.raises(ValueError, match=r"fixed \['Ki'\]: not a parameter of reversible_2tc"):
         fit_reversible(np.ones(len(FRAMES)), INPUT, FRAMES, fixed={"Ki": 0.1})
     with pytest.raises(ValueError, match="each 5 numbers"):
         fit_reversible(np.ones(len(FRAMES)), INPUT, FRAMES, bounds=([0] * 4, [1] * 4))

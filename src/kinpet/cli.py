@@ -121,7 +121,7 @@ def cmd_fit_tacs(args) -> None:
         read_region_curves,
         write_table_atomic,
     )
-    from kinpet.models import check_fixed, get_model, result_columns
+    from kinpet.models import get_model, result_columns
 
     _check_outputs(args)
     fixed = _parse_fixed(args.fixed)
@@ -160,8 +160,7 @@ def cmd_fit_tacs(args) -> None:
             sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
         return
     model = get_model(args.model)
-    check_fixed(model, fixed)
-    from kinpet.modelfit import fit_model
+    from kinpet.modelfit import fit_model  # checks fixed against the model
 
     result = fit_model(curves, model.name, inp, frames, method=args.method, weights=args.weights,
                        sampling=args.sampling, fixed=fixed, delay_bounds_s=args.fit_delay,

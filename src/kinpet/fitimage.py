@@ -1,8 +1,8 @@
 """Parametric maps of a whole dynamic image, slab by slab, without Snakemake.
 
 The driver of ``kinpet fit-image``: the image is read a few axial slices at a time (a slab
-within a memory budget), the masked voxels of each slab are fitted
-(:func:`kinpet.voxelfit.fit_chunk`), and the maps are assembled. With a fitted input delay
+within a memory budget), the masked voxels of each slab are fitted with any model of the
+registry (:func:`kinpet.modelfit.fit_model`), and the maps are assembled. With a fitted input delay
 the usual practice is followed: one delay per region (each label of a label map, or the
 whole mask), fitted on the region's mean curve and then held for its voxels.
 """

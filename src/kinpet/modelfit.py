@@ -66,9 +66,8 @@ def model_bounds(model, bounds=None, fixed=None) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"bounds of {model.name} must be (lower, upper), each {n} numbers")
     if (lo > hi).any() or (lo < 0).any():
         raise ValueError(f"bounds must satisfy 0 <= lower <= upper, got {lo} and {hi}")
+    check_fixed(model, fixed)
     for name, value in (fixed or {}).items():
-        if name not in model.parameters:
-            raise ValueError(f"fixed: {name!r} is not a parameter of {model.name}")
         lo[model.parameters.index(name)] = hi[model.parameters.index(name)] = float(value)
     hi[-1] = min(hi[-1], 1.0 - 1e-9)  # Vb < 1
     return lo, hi
@@ -76,8 +75,7 @@ def model_bounds(model, bounds=None, fixed=None) -> tuple[np.ndarray, np.ndarray
 
 def rates_to_parameters(a1, a2, vb, d1, d2):
     """(K1, k2, k3, k4, Vb) [N, 5] of the rates and linear coefficients of the curve."""
-    tissue = (d1 + d2) / (1 - vb)
-    k1 = tissue
+    k1 = (d1 + d2) / (1 - vb)
     with np.errstate(invalid="ignore", divide="ignore"):
         k34 = a1 + d1 * (a2 - a1) / (d1 + d2)
         k2 = a1 + a2 - k34
@@ -112,7 +110,6 @@ def grid_start(y, model: KineticModel, w, lo, hi) -> np.ndarray:
         rows = keep.nonzero()[:, 0]
         inverse[:, rows[:, None], rows[None, :]] = part
         solvers.append(inverse)
-    best_sse = np.full(len(y), np.inf)
     best = np.zeros((len(y), 5))
     for start in range(0, len(y), _CHUNK):
         yc = torch.as_tensor(y[start : start + _CHUNK], **dd) * sw
@@ -132,7 +129,6 @@ def grid_start(y, model: KineticModel, w, lo, hi) -> np.ndarray:
         c = chunk_c[rows, k].numpy()
         a1, a2 = RATE_GRID[first[k].numpy()], RATE_GRID[second[k].numpy()]
         best[start : start + len(k)] = rates_to_parameters(a1, a2, c[:, 0], c[:, 1], c[:, 2])
-        best_sse[start : start + len(k)] = chunk_sse[rows, k].numpy()
     # A curve of blood only (d1 = d2 = 0) has no rates: start its tissue at the defaults.
     default = (lo + hi) / 2
     bad = ~np.isfinite(best).all(1)
