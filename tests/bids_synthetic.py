@@ -121,8 +121,8 @@ def write_subject(
     ``scale`` multiplies the activity (a per-subject variation).
     """
     root = Path(root)
+    from kinpet.bids import bids_paths
     from kinpet.inputfunction import units_to_kbq_per_ml
-    from kinpet.io import bids_paths
 
     paths = bids_paths(root, subject)
     for p in paths.values():

@@ -7,6 +7,7 @@ import pytest
 
 from kinpet import evaluation as ev
 from kinpet import figures
+from kinpet import truth as tr
 
 
 def test_organ_indices_names_the_file_of_a_missing_organ():
@@ -75,12 +76,12 @@ def test_erode_removes_the_border():
 def test_truth_errors_and_cv_by_hand():
     est = np.array([1.0, 2.0, 3.0, np.nan])
     truth = np.array([1.0, 1.0, 1.0, 1.0])
-    got = ev.truth_errors(est, truth, np.ones(4, bool))
+    got = tr.truth_errors(est, truth, np.ones(4, bool))
     assert got["voxels"] == 3 and got["bias"] == pytest.approx(1.0)
     assert got["rmse"] == pytest.approx(np.sqrt(5 / 3))
     assert got["bias_pct"] == pytest.approx(100.0)
-    assert ev.truth_errors(est, truth, np.zeros(4, bool))["voxels"] == 0
-    cv, n = ev.coefficient_of_variation(est, np.ones(4, bool))
+    assert tr.truth_errors(est, truth, np.zeros(4, bool))["voxels"] == 0
+    cv, n = tr.coefficient_of_variation(est, np.ones(4, bool))
     assert n == 3 and cv == pytest.approx(np.std([1, 2, 3]) / 2)
 
 
@@ -89,11 +90,11 @@ def test_pooled_truth_errors_equal_those_of_all_voxels():
     truth = [rng.uniform(0.5, 1.0, n) for n in (7, 12)]
     est = [t + rng.normal(0.1, 0.2, t.size) for t in truth]
     rows = [
-        {"organ": "liver", "parameter": "K1", "method": "network", **ev.truth_errors(e, t, t > 0)}
+        {"organ": "liver", "parameter": "K1", "method": "network", **tr.truth_errors(e, t, t > 0)}
         for e, t in zip(est, truth, strict=True)
     ]
-    pooled = ev.pool_truth_errors(pd.DataFrame(rows)).iloc[0]
-    every = ev.truth_errors(np.concatenate(est), np.concatenate(truth), np.ones(19, bool))
+    pooled = tr.pool_truth_errors(pd.DataFrame(rows)).iloc[0]
+    every = tr.truth_errors(np.concatenate(est), np.concatenate(truth), np.ones(19, bool))
     for key in ("voxels", "truth_mean", "bias", "rmse", "bias_pct", "rmse_pct"):
         assert pooled[key] == pytest.approx(every[key])
     assert pooled["subjects"] == 2
@@ -104,12 +105,12 @@ def test_truth_recovery_tables():
     labels[1:4, 1:4, 1:4] = 2
     truth = {"K1": np.full(labels.shape, 0.5)}
     est = {"network": {"K1": np.full(labels.shape, 0.6)}}
-    errors, smooth = ev.truth_recovery(est, truth, labels, {"liver": 2}, erode_voxels=0)
+    errors, smooth = tr.truth_recovery(est, truth, labels, {"liver": 2}, erode_voxels=0)
     row = errors.iloc[0]
     assert row["voxels"] == 27 and row["bias"] == pytest.approx(0.1)
     assert row["bias_pct"] == pytest.approx(20.0)
     assert set(smooth["method"]) == {"truth", "network"} and (smooth["cv"] == 0).all()
-    errors, _ = ev.truth_recovery(est, truth, labels, {"liver": 2}, erode_voxels=1)
+    errors, _ = tr.truth_recovery(est, truth, labels, {"liver": 2}, erode_voxels=1)
     assert errors.iloc[0]["voxels"] == 1
 
 

@@ -1,4 +1,4 @@
-"""Reading PET-BIDS datasets (kinpet.io.read_pet_bids): good data and every bad input."""
+"""Reading PET-BIDS datasets (kinpet.bids.read_pet_bids): good data and every bad input."""
 
 import json
 import os
@@ -16,15 +16,14 @@ import pytest
 from bids_synthetic import FRAMES, NAMES, write_subject
 
 from kinpet.atomic import remove_stale_temporaries, temporary_path
+from kinpet.bids import bids_paths, read_pet_bids
 from kinpet.figures import save_figure
 from kinpet.inputfunction import InputFunction
 from kinpet.io import (
     KinpetInputError,
     NiftiFrameWriter,
     atomic_path,
-    bids_paths,
     nifti_header,
-    read_pet_bids,
     read_slices,
     write_blood_tsv,
     write_json,

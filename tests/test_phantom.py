@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kinpet import phantom
+from kinpet import anatomy, phantom, simulation
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import read_organ_values
@@ -26,7 +26,7 @@ TISSUES = ("body", "bones", "lungs", "heart", "liver", "kidneys", "spleen", "tum
 
 def simulate(root, subject="sub-01", seed=SEED, fwhm_mm=0.0, noise_cov=0.0):
     sub = phantom.make_subject(subject, seed=seed, size="tiny", organ_values=ORGANS)
-    phantom.simulate_subject(sub, root, fwhm_mm=fwhm_mm, noise_cov=noise_cov, log=lambda m: None)
+    simulation.simulate_subject(sub, root, fwhm_mm=fwhm_mm, noise_cov=noise_cov, log=lambda m: None)
     return Path(root)
 
 
@@ -40,7 +40,7 @@ def files(root, sid="sub-01"):
         "blood": pet / f"{sid}_recording-idif_blood.tsv",
         "dseg": labels / f"{sid}_dseg.nii.gz",
         "dseg_tsv": labels / f"{sid}_dseg.tsv",
-        **{name: truth / f"{sid}_desc-{name}_truth.nii.gz" for name in phantom.TRUTH_NAMES},
+        **{name: truth / f"{sid}_desc-{name}_truth.nii.gz" for name in simulation.TRUTH_NAMES},
     }
 
 
@@ -67,10 +67,10 @@ def noisy(tmp_path_factory):
 def test_label_map_contains_the_papers_seven_organs(size):
     sub = phantom.make_subject("sub-01", seed=SEED, size=size, organ_values=ORGANS)
     labels = sub.labels()
-    counts = np.bincount(labels.ravel(), minlength=len(phantom.LABELS))
-    for organ in (*phantom.PAPER_ORGANS, "heart_blood", "bladder", "tumour", "gallbladder"):
+    counts = np.bincount(labels.ravel(), minlength=len(anatomy.LABELS))
+    for organ in (*anatomy.PAPER_ORGANS, "heart_blood", "bladder", "tumour", "gallbladder"):
         # Enough voxels to place a region of interest in each organ, even the tiny body.
-        assert counts[phantom.LABEL_INDEX[organ]] >= 30, (size, organ, counts)
+        assert counts[anatomy.LABEL_INDEX[organ]] >= 30, (size, organ, counts)
     # The body fills the middle of the field of view but does not touch its sides.
     assert labels[:, :, 0].max() == 0 and labels[:, :, -1].max() == 0
     assert labels[:, 0, :].max() == 0 and labels[:, -1, :].max() == 0
@@ -81,7 +81,7 @@ def test_subjects_differ_and_the_same_subject_repeats():
     b = phantom.make_subject("sub-02", seed=SEED, size="tiny", organ_values=ORGANS)
     again = phantom.make_subject("sub-01", seed=SEED, size="tiny", organ_values=ORGANS)
     assert np.array_equal(a.labels(), again.labels())
-    liver = phantom.LABEL_INDEX["liver"]
+    liver = anatomy.LABEL_INDEX["liver"]
     assert (a.labels() == liver).sum() != (b.labels() == liver).sum()
     assert a.input_peak_kbq_per_ml != b.input_peak_kbq_per_ml
     assert not np.allclose(a.organ_params["liver"], b.organ_params["liver"])
@@ -110,7 +110,7 @@ def test_noise_free_organ_curves_equal_the_kinetic_model(clean):
     inp = InputFunction.from_blood_tsv(f["blood"])
     rng = np.random.default_rng(0)
     for organ in TISSUES:
-        where = np.argwhere(labels == phantom.LABEL_INDEX[organ])
+        where = np.argwhere(labels == anatomy.LABEL_INDEX[organ])
         assert len(where) > 0, organ
         pick = where[rng.choice(len(where), size=min(40, len(where)), replace=False)]
         params = truth[tuple(pick.T)].astype(np.float64)
@@ -138,13 +138,13 @@ def test_blood_pools_are_the_input_and_the_bladder_fills(clean):
     frames = FrameSchedule.from_bids_json(f["json"])
     inp = InputFunction.from_blood_tsv(f["blood"])
     blood_average = _frame_average(inp, frames)
-    for organ in phantom.BLOOD_LABELS:
-        curves = pet[labels == phantom.LABEL_INDEX[organ]]
+    for organ in anatomy.BLOOD_LABELS:
+        curves = pet[labels == anatomy.LABEL_INDEX[organ]]
         assert len(curves) > 0
         np.testing.assert_allclose(
             curves, np.broadcast_to(blood_average, curves.shape), rtol=1e-5, atol=1e-5
         )
-        vb = load(f["Vb"])[labels == phantom.LABEL_INDEX[organ]]
+        vb = load(f["Vb"])[labels == anatomy.LABEL_INDEX[organ]]
         assert np.all(vb == 1)
     # Bladder: clearance x integral of the input (kBq/ml), frame-averaged.
     clearance = json.loads(f["json"].read_text())["PhantomBladderClearance"]
@@ -152,7 +152,7 @@ def test_blood_pools_are_the_input_and_the_bladder_fills(clean):
     a_fine = inp(t_fine)
     cum = np.concatenate([[0.0], np.cumsum((a_fine[1:] + a_fine[:-1]) / 2 * 0.01)]) / 60.0
     bladder = _frame_average(lambda t: clearance * np.interp(t, t_fine, cum), frames)
-    curves = pet[labels == phantom.LABEL_INDEX["bladder"]]
+    curves = pet[labels == anatomy.LABEL_INDEX["bladder"]]
     np.testing.assert_allclose(curves, np.broadcast_to(bladder, curves.shape), rtol=1e-4)
     assert np.all(np.diff(bladder) > 0)
 
@@ -162,7 +162,7 @@ def test_noise_level_matches_the_target(clean, noisy):
     meta = json.loads(fn["json"].read_text())
     frames = FrameSchedule.from_bids_json(fn["json"])
     labels = load(fn["dseg"])
-    liver = labels == phantom.LABEL_INDEX["liver"]
+    liver = labels == anatomy.LABEL_INDEX["liver"]
     exact, image = load(fc["pet"]), load(fn["pet"])
     a = meta["PhantomNoiseScaleA"]
     # The last frame (the reference: 300 s), a 30-s frame and a 120-s frame.
@@ -192,7 +192,7 @@ def test_noise_target_holds_after_the_psf(tmp_path):
     # With blur, the target CoV refers to the blurred liver (the image the noise is added to).
     exact = load(files(simulate(tmp_path / "c", fwhm_mm=4.0))["pet"])[..., -1]
     f = files(simulate(tmp_path / "n", fwhm_mm=4.0, noise_cov=0.10))
-    liver = load(f["dseg"]) == phantom.LABEL_INDEX["liver"]
+    liver = load(f["dseg"]) == anatomy.LABEL_INDEX["liver"]
     c, y = exact[liver].astype(np.float64), load(f["pet"])[..., -1][liver]
     cov = np.sqrt(np.mean((y - c) ** 2)) / np.mean(c)
     assert abs(cov - 0.10) < 0.10 * 5 * np.sqrt(1 / (2 * c.size)), cov
@@ -201,13 +201,13 @@ def test_noise_target_holds_after_the_psf(tmp_path):
 def test_blur_has_the_configured_fwhm():
     image = np.zeros((41, 41, 41), dtype=np.float32)
     image[20, 20, 20] = 1.0
-    out = phantom.blur(image, fwhm_mm=4.0, voxel_mm=1.6)
+    out = simulation.blur(image, fwhm_mm=4.0, voxel_mm=1.6)
     profile = out[20, 20, :].astype(np.float64)
     x = (np.arange(41) - 20) * 1.6
     sigma = np.sqrt(np.sum(profile * x**2) / profile.sum())
     assert abs(sigma * 2 * np.sqrt(2 * np.log(2)) - 4.0) < 0.05
     assert abs(out.sum() - 1) < 1e-5
-    assert phantom.blur(image, 0.0, 1.6) is image
+    assert simulation.blur(image, 0.0, 1.6) is image
 
 
 def test_decay_factors_average_the_decay_over_each_frame():
@@ -217,7 +217,7 @@ def test_decay_factors_average_the_decay_over_each_frame():
         np.mean(np.exp(-lam * np.linspace(s, e, 100001)))
         for s, e in zip(frames.starts_min, frames.ends_min, strict=True)
     ]
-    np.testing.assert_allclose(phantom.decay_factors(frames), expected, rtol=1e-8)
+    np.testing.assert_allclose(simulation.decay_factors(frames), expected, rtol=1e-8)
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_pet_bids_files(clean):
     np.testing.assert_array_equal(dseg.affine, img.affine)
     table = pd.read_csv(f["dseg_tsv"], sep="\t")
     assert list(table.columns) == ["index", "name"]
-    assert dict(zip(table["index"], table["name"], strict=True)) == phantom.LABELS
+    assert dict(zip(table["index"], table["name"], strict=True)) == anatomy.LABELS
     blood = pd.read_csv(f["blood"], sep="\t")
     assert list(blood.columns) == ["time", "whole_blood_radioactivity"]
     assert 200 <= blood["whole_blood_radioactivity"].max() <= 300
@@ -305,11 +305,11 @@ def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tmp_p
     (numpy's "Unable to allocate" came after the outputs were deleted)."""
     subject = phantom.make_subject("sub-01", size="paper", voxel_mm=0.1)
     root = tmp_path / "bids"
-    with pytest.raises(phantom.PhantomResourceError) as err:
-        phantom.simulate_subject(subject, root)
+    with pytest.raises(simulation.PhantomResourceError) as err:
+        simulation.simulate_subject(subject, root)
     message = str(err.value)
-    gib = phantom.simulation_needs(subject.grid, 62)["memory"] / 2**30
-    available = phantom.available_memory() / 2**30
+    gib = simulation.simulation_needs(subject.grid, 62)["memory"] / 2**30
+    available = simulation.available_memory() / 2**30
     assert message == (
         f"voxel_mm 0.1 mm: simulating sub-01 (paper body) on a 4000 x 2900 x 9000 grid "
         f"(104400.0 million voxels) needs about {gib:.2f} GiB of memory, more than the "
@@ -320,19 +320,20 @@ def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tmp_p
 
 def test_resource_check_names_the_config_value_and_the_scratch_disk(tmp_path, monkeypatch):
     subject = phantom.make_subject("sub-02", size="demo", voxel_mm=0.25)
-    needs = phantom.simulation_needs(subject.grid, 62)
+    needs = simulation.simulation_needs(subject.grid, 62)
     setting = "config phantom.voxel_mm"
     with pytest.raises(
-        phantom.PhantomResourceError,
+        simulation.PhantomResourceError,
         match=r"^config phantom.voxel_mm 0.25 mm: "
         r"simulating sub-02 \(demo body\) on a 640 x 472 x 1000 grid .* GiB of "
         r"memory, more than the 4.00 GiB available",
     ):
-        phantom.check_simulation_resources(subject, 62, tmp_path, setting, memory=4 * 2**30)
+        simulation.check_simulation_resources(subject, 62, tmp_path, setting, memory=4 * 2**30)
     free = type("Usage", (), {"free": needs["disk"] - 1})
-    monkeypatch.setattr(phantom.shutil, "disk_usage", lambda path: free)
-    with pytest.raises(phantom.PhantomResourceError, match=f"GiB of scratch space in {tmp_path}"):
-        phantom.check_simulation_resources(subject, 62, tmp_path / "bids", setting, memory=2**50)
-    phantom.check_simulation_resources(
+    monkeypatch.setattr(simulation.shutil, "disk_usage", lambda path: free)
+    scratch = f"GiB of scratch space in {tmp_path}"
+    with pytest.raises(simulation.PhantomResourceError, match=scratch):
+        simulation.check_simulation_resources(subject, 62, tmp_path / "bids", setting, memory=2**50)
+    simulation.check_simulation_resources(
         phantom.make_subject("sub-02", size="tiny"), 62, tmp_path, setting, memory=2**50
     )

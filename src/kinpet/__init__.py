@@ -1,8 +1,10 @@
 """kinpet: voxel-wise kinetic modelling of dynamic FDG PET.
 
 Modules: ``frames`` (frame schedules), ``inputfunction`` (arterial input functions),
-``kinetics`` (the exact irreversible two-tissue model), ``fitting`` (curve_fit and
-the fast global fitter, whose code is the package ``fastfit``), ``io`` and ``cli``.
+``kinetics`` (the exact compartment models; ``models``: their registry), ``fitting`` and
+``modelfit`` (curve_fit and the fast global fitter, whose code is the package ``fastfit``),
+``anatomy``, ``phantom`` and ``simulation`` (the digital phantom), ``io`` and ``cli``;
+README.md lists the rest.
 """
 
 import os

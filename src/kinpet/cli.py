@@ -58,12 +58,12 @@ def cmd_model(args) -> None:
 
 
 def cmd_simulate(args) -> None:
-    from kinpet import phantom
+    from kinpet import simulation
     from kinpet.io import read_organ_values
 
     subjects = int(args.subjects) if args.subjects.isdigit() else args.subjects.split(",")
     organ_values = read_organ_values(args.organ_values) if args.organ_values else None
-    phantom.write_dataset(
+    simulation.write_dataset(
         args.out,
         subjects,
         seed=args.seed,
@@ -114,9 +114,9 @@ def _check_outputs(args) -> None:
 def cmd_fit_tacs(args) -> None:
     import pandas as pd
 
+    from kinpet.bids import NEGATIVE_TOLERANCE
     from kinpet.fitting import flag_negative
     from kinpet.io import (
-        NEGATIVE_TOLERANCE,
         KinpetInputError,
         read_region_curves,
         write_table_atomic,
@@ -150,7 +150,7 @@ def cmd_fit_tacs(args) -> None:
             args.blood_tsv, column=args.blood_column, units=args.blood_units
         )
         _say_inputs(args.blood_tsv, columns, "fit-tacs")
-    # The pipeline's rule (kinpet.io.read_pet_bids): an input that stops early is an error.
+    # The pipeline's rule (kinpet.bids.read_pet_bids): an input that stops early is an error.
     inp.check_covers(frames, strict=True)
     if args.model == "patlak":
         table = _patlak_table(args, names, curves, inp, frames)

@@ -21,13 +21,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from kinpet.evaluation import truth_recovery
 from kinpet.fitting import fit
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import activity_mask
 from kinpet.prediction import predict_volume
+from kinpet.truth import truth_recovery
 
 MAP_NAMES = ("K1", "k2", "k3", "Vb", "Ki")
 

@@ -315,7 +315,7 @@ def truth_recovery_figure(
     parameters: Sequence[str] = ("K1", "k2", "k3", "Vb", "Ki"),
 ) -> Figure:
     """Relative bias and RMSE (percent of the true organ mean) per organ, parameter and
-    method, from :func:`kinpet.evaluation.pool_truth_errors` (symmetric log scale)."""
+    method, from :func:`kinpet.truth.pool_truth_errors` (symmetric log scale)."""
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(
         2,

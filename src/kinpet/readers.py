@@ -256,7 +256,7 @@ _NAMED_ERRORS = (KinpetInputError, FrameScheduleError, InputFunctionError)
 _NAMED_ERRORS_ELSEWHERE = {
     "kinpet.preprocessing": "PreprocessingError",
     "kinpet.evaluation": "EvaluationError",
-    "kinpet.phantom": "PhantomResourceError",
+    "kinpet.simulation": "PhantomResourceError",
     "kinpet.checkpoints": "TrainingBusyError",
 }
 

@@ -77,7 +77,7 @@ wildcard_constraints:
 
 
 def bids_inputs(wildcards):
-    """Files of one subject: the layout of kinpet.io.bids_paths, restated because the
+    """Files of one subject: the layout of kinpet.bids.bids_paths, restated because the
     Snakefile must not need the package's dependencies (with --use-conda, snakemake's own
     environment may lack nibabel). The dry run in tests/test_pipeline.py runs on files
     written with bids_paths, so the two cannot drift apart unnoticed."""

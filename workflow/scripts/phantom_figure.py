@@ -8,9 +8,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kinpet.anatomy import LABELS, PAPER_ORGANS, coronal_slice_index  # noqa: E402
 from kinpet.figures import save_figure  # noqa: E402
 from kinpet.io import KinpetInputError  # noqa: E402
-from kinpet.phantom import LABELS, PAPER_ORGANS, coronal_slice_index  # noqa: E402
 from kinpet.readers import read_json, read_nifti_header, read_volume, script_log  # noqa: E402
 
 script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)

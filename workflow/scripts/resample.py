@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kinpet.bids import read_pet_bids
 from kinpet.io import (
     atomic_path,
-    read_pet_bids,
     write_blood_tsv,
     write_json,
     write_nifti,

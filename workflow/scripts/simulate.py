@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from kinpet import phantom
+from kinpet import phantom, simulation
 from kinpet.io import frames_from_spec, read_organ_values
 from kinpet.readers import script_log
 
@@ -25,8 +25,8 @@ subject = phantom.make_subject(
 root = Path(snakemake.output.pet).parents[2]  # noqa: F821
 frames = frames_from_spec(cfg.frames)
 # Too little memory or disk (PhantomResourceError): one line in the log (script_log).
-phantom.check_simulation_resources(subject, len(frames), root, "config phantom.voxel_mm")
-summary = phantom.simulate_subject(
+simulation.check_simulation_resources(subject, len(frames), root, "config phantom.voxel_mm")
+summary = simulation.simulate_subject(
     subject,
     root,
     frames=frames,

@@ -6,16 +6,11 @@ import sys
 import numpy as np
 import pandas as pd
 
-from kinpet.evaluation import (
-    PARAMETERS,
-    markdown_table,
-    organ_indices,
-    pool_truth_errors,
-    truth_recovery,
-)
+from kinpet.evaluation import PARAMETERS, markdown_table, organ_indices
 from kinpet.figures import save_figure, smoothness_figure, truth_recovery_figure
 from kinpet.io import atomic_path, read_label_table
 from kinpet.readers import read_volume, script_log
+from kinpet.truth import pool_truth_errors, truth_recovery
 
 script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
