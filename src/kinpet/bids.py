@@ -11,16 +11,8 @@ import numpy as np
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction, units_to_kbq_per_ml
-from kinpet.io import KinpetInputError, _naming_corrupt_file, read_label_table
+from kinpet.io import NEGATIVE_TOLERANCE, KinpetInputError, _naming_corrupt_file, read_label_table
 from kinpet.readers import read_json
-
-# -- PET-BIDS datasets ------------------------------------------------------------------
-
-# Images may have slightly negative voxels (noise in short frames of some reconstructions);
-# they are kept as they are (clipping would bias low-activity regions upwards). An image
-# whose minimum is below -NEGATIVE_TOLERANCE x its maximum is rejected: that is not noise
-# but a wrong scale, an offset or a corrupt file.
-NEGATIVE_TOLERANCE = 0.05
 
 # Voxel-to-world affines of the PET and the label map may differ by float32 rounding (mm).
 _AFFINE_TOLERANCE_MM = 1e-3

@@ -114,9 +114,9 @@ def _check_outputs(args) -> None:
 def cmd_fit_tacs(args) -> None:
     import pandas as pd
 
-    from kinpet.bids import NEGATIVE_TOLERANCE
     from kinpet.fitting import flag_negative
     from kinpet.io import (
+        NEGATIVE_TOLERANCE,
         KinpetInputError,
         read_region_curves,
         write_table_atomic,

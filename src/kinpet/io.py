@@ -22,6 +22,13 @@ from kinpet.atomic import new_temporary
 from kinpet.frames import FrameSchedule, check_scan_length
 from kinpet.inputfunction import InputFunction, units_to_kbq_per_ml
 
+# Images may have slightly negative voxels (noise in short frames of some reconstructions);
+# they are kept as they are (clipping would bias low-activity regions upwards). An image
+# whose minimum is below -NEGATIVE_TOLERANCE x its maximum is rejected (kinpet.bids), and a
+# region curve that far below 0 is flagged (fit-tacs): that is not noise but a wrong scale,
+# an offset or a corrupt file.
+NEGATIVE_TOLERANCE = 0.05
+
 
 class KinpetInputError(ValueError):
     """An input file is missing or malformed; the message names the file."""

@@ -37,9 +37,6 @@ _SRC = str(Path(workflow.basedir) / "src")
 os.environ.update(
     PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 )
-# Every job's MKL takes one fixed code path (see kinpet/__init__.py): the same numbers on a
-# busy machine or a SLURM node as on an idle one.
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 
 # -- Subjects and PET-BIDS inputs (preprocess.smk) ---------------------------------------
