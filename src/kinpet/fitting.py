@@ -5,7 +5,7 @@ One entry point, :func:`fit`, with two methods (docs/fitting.md):
 ``curve_fit``
     The paper's reference: :func:`scipy.optimize.curve_fit` one curve at a time, start
     p0 = (0.1, 0.1, 0.01, 0.01), the paper's bounds, ``diff_step=0.001``. Slow but
-    faithful; ``n_jobs`` spreads curves over processes.
+    faithful; ``n_jobs`` spreads curves over processes (:mod:`kinpet.curvefit`).
 ``fast``
     A global fitter for many curves. For a fixed beta = k2 + k3 the model is linear in
     three coefficients, ``y = p1 I + p2 E_beta + p3 A`` (I the integral of the input,
@@ -39,16 +39,13 @@ and a ``status`` code saying why; the rest of the batch is fitted normally.
 
 from __future__ import annotations
 
-import os
-import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from kinpet.constants import F18_HALF_LIFE_MIN as F18_HALF_LIFE_MIN
 from kinpet.constants import F18_LAMBDA_PER_MIN as F18_LAMBDA_PER_MIN
+from kinpet.curvefit import PAPER_P0, curve_fit_many
 from kinpet.delayfit import DELAY_STEP_S, fit_with_delay
 from kinpet.fastfit import DEFAULT_BETA_GRID, fit_curves
 from kinpet.fastfit import beta_values as beta_values  # kept importable from here
@@ -59,8 +56,6 @@ from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES, KineticMo
 METHODS = ("fast", "curve_fit", "curve_fit_paper")
 WEIGHT_SCHEMES = ("none", "duration", "duration_decay")
 
-# The paper's curve_fit start (De Benetti et al. 2023; docs/fitting.md).
-PAPER_P0 = (0.1, 0.1, 0.01, 0.01)
 # Four parameters need at least four informative frames.
 MIN_POSITIVE_FRAMES = 4
 
@@ -264,27 +259,6 @@ def with_fixed(bounds, fixed) -> tuple[np.ndarray, np.ndarray]:
     return check_bounds((lo, hi))
 
 
-def bounded_curve_fit(model_of, x, y, p0, lo, hi, **options) -> np.ndarray:
-    """:func:`scipy.optimize.curve_fit` of ``model_of(x, params[4])`` within bounds, with
-    the parameters whose lower bound equals the upper held there and left out of the
-    problem (scipy needs lower < upper). Raises what curve_fit raises."""
-    from scipy.optimize import curve_fit
-
-    free = lo < hi
-    full = np.array(lo, dtype=np.float64)
-    if not free.any():
-        return full
-
-    def model(x, *q):
-        p = full.copy()
-        p[free] = q
-        return model_of(x, p)
-
-    q, _ = curve_fit(model, x, y, p0=p0[free], bounds=(lo[free], hi[free]), **options)
-    full[free] = q
-    return full
-
-
 def _ki(params):
     return params[..., 0] * params[..., 2] / (params[..., 1] + params[..., 2])
 
@@ -423,7 +397,7 @@ def fit(
                 workers=workers,
             )
         else:
-            params[good], sse[good] = _curve_fit_many(
+            params[good], sse[good] = curve_fit_many(
                 y[good], (input_function, blood_function), frames, sampling, w, lo, hi, n_jobs
             )
     failed = (status == STATUS_OK) & ~(np.isfinite(params).all(axis=1) & np.isfinite(sse))
@@ -435,76 +409,3 @@ def fit(
     scheme = weights if isinstance(weights, str) else ("none" if weights is None else "custom")
     result = FitResult(params, ki, sse, status == STATUS_OK, status, method, sampling, scheme)
     return result
-
-
-# -- curve_fit: the paper's reference -----------------------------------------------------------
-
-_WORKER = {}
-
-
-def _curve_fit_init(inputs, frames, sampling, w, lo, hi):
-    # One model per process; torch's own threads would only fight the process pool.
-    torch.set_num_threads(1)
-    input_function, blood_function = inputs
-    _WORKER.update(
-        model=KineticModel(input_function, frames, sampling, blood_function),
-        sigma=1.0 / np.sqrt(w) if not np.allclose(w, 1.0) else None,
-        w=w,
-        lo=lo,
-        hi=hi,
-    )
-
-
-def _curve_fit_block(block: np.ndarray):
-    from scipy.optimize import OptimizeWarning
-
-    model, sigma, w, lo, hi = (_WORKER[k] for k in ("model", "sigma", "w", "lo", "hi"))
-    x_dummy = np.arange(block.shape[1], dtype=np.float64)
-    # Zero-weight frames cannot enter as sigma = inf; leave them out of the residuals.
-    use = w > 0
-
-    def f(_x, p):
-        return model(p)[use]
-
-    p0 = np.clip(PAPER_P0, lo, hi)
-    params = np.full((block.shape[0], 4), np.nan)
-    sse = np.full(block.shape[0], np.nan)
-    for i, y in enumerate(block):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", OptimizeWarning)
-                p = bounded_curve_fit(
-                    f,
-                    x_dummy[use],
-                    y[use],
-                    p0,
-                    lo,
-                    hi,
-                    sigma=None if sigma is None else sigma[use],
-                    diff_step=0.001,
-                )
-        except (RuntimeError, ValueError):
-            continue
-        params[i] = p
-        sse[i] = float(np.sum(w * (y - model(p)) ** 2))
-    return params, sse
-
-
-def _curve_fit_many(y, inputs, frames, sampling, w, lo, hi, n_jobs):
-    """curve_fit of every curve; ``inputs`` is (input_function, blood_function or None)."""
-    y = np.asarray(y, dtype=np.float64)
-    setup = (inputs, frames, sampling, w, lo, hi)
-    if n_jobs == -1:
-        n_jobs = os.cpu_count() or 1
-    if n_jobs <= 1 or y.shape[0] < 2:
-        saved = torch.get_num_threads()
-        try:
-            _curve_fit_init(*setup)
-            return _curve_fit_block(y)
-        finally:
-            torch.set_num_threads(saved)
-            _WORKER.clear()
-    blocks = np.array_split(y, min(y.shape[0], 4 * n_jobs))
-    with ProcessPoolExecutor(n_jobs, initializer=_curve_fit_init, initargs=setup) as pool:
-        parts = list(pool.map(_curve_fit_block, blocks))
-    return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])

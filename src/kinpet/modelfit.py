@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kinpet.curvefit import bounded_curve_fit
 from kinpet.fitting import (
     STATUS_FAILED,
     STATUS_OK,
     FitResult,
-    bounded_curve_fit,
     frame_weights,
     screen_curves,
 )

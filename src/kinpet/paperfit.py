@@ -30,12 +30,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from kinpet.curvefit import PAPER_P0, bounded_curve_fit
 from kinpet.fitting import (
-    PAPER_P0,
     STATUS_FAILED,
     STATUS_OK,
     FitResult,
-    bounded_curve_fit,
     check_bounds,
     screen_curves,
 )
