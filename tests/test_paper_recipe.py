@@ -285,10 +285,11 @@ def test_multistep_schedule_halves_at_the_milestones_then_stays():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lr / 2**6)
 
 
-def tiny_set(seed):
+def tiny_set(seed, sampling="paper"):
+    """Two random slices, with the paper recipe's model sampling unless told otherwise."""
     rng = np.random.default_rng(seed)
     tacs = rng.uniform(0.0, 5.0, (2, len(FRAMES), 16, 16)).astype(np.float32)
-    return SliceSet.from_subjects([tacs], [InputFunction.feng()], FRAMES)
+    return SliceSet.from_subjects([tacs], [InputFunction.feng()], FRAMES, sampling=sampling)
 
 
 def cheap_loss(model, meas, rows, data, settings, weights):
@@ -447,3 +448,66 @@ def test_the_readme_example_of_the_paper_recipe_is_a_valid_config():
     s = settings_from_config(given, underneath, **config["training"]["ablations"]["4.1"])
     assert {k: getattr(s, k) for k in RECIPES["paper"]} == RECIPES["paper"]
     assert (s.epochs, s.activation, s.pooling) == (100, "multi_clamp", "3d")
+
+
+def test_paper_recipe_loss_equals_the_published_loss_on_one_batch():
+    """The loss of one batch under ``recipe: paper`` against the published training step
+    restated here from its description (main.py, training_step and accumulate_func): the
+    62 frames zero-padded to 64 (one each side), the published network (its functional
+    restatement above, same seeded weights), the discrete 0.1-min model read at frame
+    starts (``paper_reference`` of test_kinetics, written from the same description),
+    the pixels whose trapezoidal area over frame starts exceeds 10 kBq/ml x min, and the
+    plain mean of the squared errors over those pixels' frames. Our loss runs in float32,
+    the restatement in float64: rel 1e-4."""
+    from test_kinetics import paper_reference
+
+    from kinpet.kinetics import irreversible_2tc
+    from kinpet.training import loss_weights
+
+    settings = TrainSettings(
+        recipe="paper", convolution="space_time", pooling="space", activation="multi_clamp"
+    )
+    inp = InputFunction.feng()
+    rng = np.random.default_rng(3)
+    truth = np.column_stack(
+        [
+            rng.uniform(0.2, 1.2, 512),
+            rng.uniform(0.2, 1.5, 512),
+            rng.uniform(0.01, 0.2, 512),
+            rng.uniform(0.0, 0.2, 512),
+        ]
+    )
+    curves = irreversible_2tc(truth, inp, FRAMES) + rng.normal(0, 2.0, (512, len(FRAMES)))
+    curves[:100] *= 0.002  # pixels below the activity threshold
+    tacs = curves.reshape(2, 16, 16, len(FRAMES)).transpose(0, 3, 1, 2).astype(np.float32)
+    data = SliceSet.from_subjects([tacs], [inp], FRAMES, sampling=settings.sampling)
+
+    ours = build_model(settings)
+    layout = published_layout(settings.convolution)
+    weights = seeded_weights(layout, seed=4)
+    ours.load_state_dict(
+        {published_to_kinpet(k, "space_time"): v for k, v in weights.items()}, strict=False
+    )
+    rows = torch.arange(2)
+    got = training_loss(
+        ours, data.tacs, rows, data, settings, loss_weights(FRAMES, settings, "cpu")
+    )
+
+    x = F.pad(torch.from_numpy(tacs)[:, None], (0, 0, 0, 0, 1, 1))  # zeros, 62 -> 64 frames
+    with torch.no_grad():
+        params, _ = published_forward(weights, x, settings.convolution, settings.pooling)
+    params = params.permute(0, 2, 3, 1).reshape(-1, 4).double().numpy()
+    model = paper_reference(params, inp, FRAMES)  # [512, 62]
+    starts = FRAMES.starts_s / 60.0
+    area = ((curves[:, 1:] + curves[:, :-1]) / 2 * np.diff(starts)).sum(axis=1)
+    keep = area > 10.0
+    assert 0 < (~keep).sum() < 512  # the mask is exercised
+    expected = np.mean((model[keep] - tacs.transpose(0, 2, 3, 1).reshape(-1, 62)[keep]) ** 2)
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_training_refuses_a_slice_set_of_another_model_sampling(tmp_path):
+    data = tiny_set(0, sampling="average")
+    with pytest.raises(ValueError, match="sampling 'average' but the settings ask for 'paper'"):
+        train(data, data, TrainSettings(recipe="paper", epochs=1), tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -100,7 +100,14 @@ def stale_reason(state: dict, settings: TrainSettings, fingerprint: str) -> str 
     return None
 
 
-def save_checkpoint(path, model, optimizer, schedule, generator, epoch, best, settings, data=None):
+def save_checkpoint(
+    path, model, optimizer, schedule, generator, epoch, best, settings, data=None, trained=None
+):
+    """Save a training state; ``model`` holds the weights to predict with.
+
+    ``trained`` (with weight averaging): the weights the optimiser steps, kept beside the
+    average so that a resumed run continues them.
+    """
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -112,6 +119,8 @@ def save_checkpoint(path, model, optimizer, schedule, generator, epoch, best, se
         "settings": asdict(settings),
         "data": data,
     }
+    if trained is not None:
+        state["trained"] = trained.state_dict()
     # Through a file object: torch names the archive's records after a path's file name,
     # which would put the temporary's host and pid into the checkpoint's bytes.
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

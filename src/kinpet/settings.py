@@ -160,6 +160,11 @@ class TrainSettings:
         mean squared distance of log beta to it. Still label-free, but every pixel pulls
         at the same rate however flat its cost: the curve loss barely sees beta where
         exchange is fast (the spleen), this one does.
+    ema_decay : float
+        0 (the paper): validation, ``best.pt`` and prediction use the trained weights.
+        In (0, 1): they use an exponential moving average of the weights over the
+        optimiser steps (:mod:`kinpet.averaging`), which spans about ``1 / (1 -
+        ema_decay)`` steps; the optimiser still steps the trained weights.
     """
 
     convolution: str = "space_time"
@@ -193,6 +198,7 @@ class TrainSettings:
     decimate_time: bool | None = None
     loss: str | None = None
     blend_equal_share: float = 0.5
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -215,6 +221,8 @@ class TrainSettings:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
         if not 0.0 <= self.blend_equal_share <= 1.0:
             raise ValueError(f"blend_equal_share must lie in [0, 1], not {self.blend_equal_share}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), not {self.ema_decay}")
         if self.activation == "log_beta" and not self.projection:
             raise ValueError("activation 'log_beta' needs projection: true (it gives beta only)")
         if self.loss == "newton" and not self.projection:

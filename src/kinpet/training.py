@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kinpet.atomic import remove_stale_temporaries
+from kinpet.averaging import average_decay, averaged_copy, update_average
 
 # The "X as X" imports from kinpet.checkpoints, kinpet.settings and kinpet.slicedata are
 # re-exports: the training API stays one import (kinpet.training).
@@ -303,6 +304,28 @@ def newton_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weig
     return (error * weight).sum() / weight.sum().clamp(min=1)
 
 
+def check_slice_set(data: SliceSet, settings: TrainSettings, name: str = "slice") -> None:
+    """Refuse a slice set whose kinetic model or scaling is not the one of ``settings``.
+
+    The loss evaluates each subject's model as the set was built
+    (:meth:`SliceSet.from_subjects`), so a set built with another ``sampling`` or
+    ``scaling`` would silently train another recipe.
+    """
+    for model, scale in zip(data.models, data.scales, strict=True):
+        if model.sampling != settings.sampling:
+            raise ValueError(
+                f"the {name} set's kinetic model uses sampling {model.sampling!r} but the "
+                f"settings ask for {settings.sampling!r}: build it with "
+                "SliceSet.from_subjects(..., sampling=settings.sampling)"
+            )
+        if (scale != 1.0) != (settings.scaling != "none"):
+            raise ValueError(
+                f"the {name} set is {'scaled' if scale != 1.0 else 'not scaled'} but the "
+                f"settings ask for scaling {settings.scaling!r}: build it with "
+                "SliceSet.from_subjects(..., scaling=settings.scaling)"
+            )
+
+
 def train(
     train_set: SliceSet,
     val_set: SliceSet,
@@ -338,6 +361,8 @@ def train(
     -------
     dict with the best validation loss, its epoch and the device used.
     """
+    for name, data in (("training", train_set), ("validation", val_set)):
+        check_slice_set(data, settings, name)
     out_dir = Path(out_dir)
     state_dir = out_dir if state_dir is None else Path(state_dir)
     separate = state_dir.resolve() != out_dir.resolve()
@@ -361,6 +386,8 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
     device = pick_device(settings.device)
     generator = _seed_everything(settings.seed)
     model = build_model(settings).to(device)
+    # What is validated, saved as best and predicted: the trained weights, or their average.
+    scored = averaged_copy(model) if settings.ema_decay else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
     schedule = learning_rate_schedule(optimizer, settings)
     weights = loss_weights(train_set.frames, settings, device)
@@ -376,7 +403,8 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
             print(f"not resuming from {last_path} ({reason}): starting afresh", file=stream)
             state = None
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("trained", state["model"]))
+        scored.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
@@ -390,7 +418,8 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
             path.unlink(missing_ok=True)
     save = functools.partial(
         save_checkpoint,
-        model=model,
+        model=scored,
+        trained=model if scored is not model else None,
         optimizer=optimizer,
         schedule=schedule,
         generator=generator,
@@ -421,6 +450,9 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scored is not model:
+                step = epoch * n_batches + b
+                update_average(scored, model, average_decay(step, settings.ema_decay))
             running += loss.item() * len(rows)
             seen += len(rows)
             progress.step(epoch, b, n_batches, running / seen)
@@ -429,7 +461,7 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": running / seen}
         validate = (epoch + 1) % settings.validate_every == 0 or epoch + 1 == settings.epochs
         if validate and len(val_set):
-            val_loss, cs, mae = evaluate(model, val_set, settings, device)
+            val_loss, cs, mae = evaluate(scored, val_set, settings, device)
             row.update(
                 val_loss=val_loss, val_cs=float(np.nanmean(cs)), val_mae=float(np.nanmean(mae))
             )
@@ -438,8 +470,9 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
                 save(best_path, epoch=epoch, best=best)
         row["seconds"] = time.perf_counter() - started  # without the monitor's time
         if validate and monitor is not None:
-            extra = {"epoch": epoch + 1, "train_eval_loss": evaluate(model, train_set, settings)[0]}
-            extra.update(monitor(model))
+            train_eval = evaluate(scored, train_set, settings)[0]
+            extra = {"epoch": epoch + 1, "train_eval_loss": train_eval}
+            extra.update(monitor(scored))
             append_row(monitor_path, extra, list(extra))
             model.train()
         append_row(log_path, row)

@@ -129,6 +129,7 @@ _SETTING_KEYS = (
     "decimate_time",
     "loss",
     "blend_equal_share",
+    "ema_decay",
 )
 # The settings of kinpet.training.TrainSettings, in two layers (settings_from_config): a
 # recipe named in a --configfile / --config overrides the keys of config/config.yaml
