@@ -223,6 +223,7 @@ snakemake = SimpleNamespace(
     params=SimpleNamespace(**spec["params"]),
     log=[spec["log"]],
     threads=1,
+    wildcards=SimpleNamespace(**spec.get("wildcards", {})),
 )
 runpy.run_path(sys.argv[1], init_globals={"snakemake": snakemake}, run_name="__main__")
 """
@@ -339,6 +340,36 @@ def test_fit_slabs_names_a_truncated_image_in_one_line(tmp_path):
     assert res.returncode == 1 and "Traceback" not in log
     assert log.strip().splitlines()[-1].startswith("ERROR: pet.nii.gz: truncated or corrupt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fit_slabs.log", "pet.nii.gz"]
+
+
+def test_fit_chunk_names_a_truncated_slab_file_in_one_line(tmp_path):
+    from kinpet.frames import FrameSchedule
+    from kinpet.inputfunction import InputFunction
+    from kinpet.io import write_blood_tsv
+    from kinpet.voxelfit import write_slabs
+
+    frames = FrameSchedule.paper()
+    labels = np.ones((6, 5, 4), dtype=np.int16)
+    write_nifti(tmp_path / "labels.nii.gz", labels, AFFINE, dtype=np.int16)
+    write_label_table(tmp_path / "labels.tsv", {0: "background", 1: "body"})
+    (tmp_path / "pet.json").write_text(json.dumps(frames.to_bids()))
+    write_blood_tsv(tmp_path / "blood.tsv", InputFunction.feng(peak_kbq_per_ml=200.0))
+    write_slabs(np.ones((6, 5, 4, len(frames)), np.float32), tmp_path / "slabs.npy")
+    truncate(tmp_path / "slabs.npy", 0.6)  # the chunk's slices 2-3 are past the end
+    spec = {
+        "input": {"slabs": "slabs.npy", "labels": "labels.nii.gz", "labels_tsv": "labels.tsv",
+                  "blood": "blood.tsv", "pet_json": "pet.json"},
+        "output": {"maps": "out/chunk-1.npz", "fit_time": "out/chunk-1.tsv"},
+        "params": {"chunks": 2, "slices": "all", "weights": "none", "sampling": "average"},
+        "wildcards": {"method": "fast", "chunk": "1"},
+        "log": "fit_chunk.log",
+    }  # fmt: skip
+    (tmp_path / "out").mkdir()
+    res = run_script("fit_chunk", spec, tmp_path)
+    log = (tmp_path / "fit_chunk.log").read_text()
+    assert res.returncode == 1 and "Traceback" not in log + res.stderr, log
+    assert log.strip().splitlines()[-1].startswith("ERROR: slabs.npy: truncated or corrupt")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_binary_sidecars_are_named(tmp_path):
