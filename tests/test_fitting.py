@@ -581,12 +581,31 @@ def test_fit_tacs_checks_every_output_before_writing(real_tacs_path, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tacs.tsv"]
 
 
-@pytest.mark.parametrize("method", ["fast", "curve_fit"])
-def test_a_zero_input_is_refused_before_fitting(method):
+@pytest.mark.parametrize(
+    "model, method",
+    [
+        ("irreversible_2tc", "fast"),
+        ("irreversible_2tc", "curve_fit"),
+        ("irreversible_2tc", "curve_fit_paper"),
+        ("reversible_2tc", "fast"),
+        ("reversible_2tc", "curve_fit"),
+        ("fit_reversible", "fast"),
+    ],
+)
+def test_a_zero_input_is_refused_before_fitting(model, method):
+    """Every fitter (fit, the published organ fit, the reversible model's through
+    fit_model and its own entry point) names the input's source, not a LinAlgError."""
+    from kinpet.modelfit import fit_model, fit_reversible
+
     zero = InputFunction(FRAMES.mids_s, np.zeros(len(FRAMES)), source="sub-09_blood.tsv")
     curves = np.ones((2, len(FRAMES)))
-    with pytest.raises(InputFunctionError, match="sub-09_blood.tsv: .* zero everywhere"):
-        fit(curves, zero, FRAMES, method=method)
+    with pytest.raises(InputFunctionError, match="^sub-09_blood.tsv: .* zero everywhere"):
+        if model == "fit_reversible":
+            fit_reversible(curves, zero, FRAMES, method)
+        elif model == "irreversible_2tc":
+            fit(curves, zero, FRAMES, method=method)
+        else:
+            fit_model(curves, model, zero, FRAMES, method=method)
 
 
 def test_fit_tacs_times_in_minutes_are_refused(real_tacs_path, tmp_path, capsys):
