@@ -652,6 +652,27 @@ def test_fit_tacs_flags_a_strongly_negative_region(real_tacs_path, tmp_path, cap
     assert f"{path}: region 'offset_bq_per_ml' goes down to -12 kBq/ml" in err
 
 
+def test_fit_tacs_patlak_flags_a_strongly_negative_region(real_tacs_path, tmp_path, capsys):
+    """--model patlak: the same ok/status columns and the same flag and warning as the
+    compartment models; a region of zeros has no line (NaN, status all zero)."""
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    table["offset_bq_per_ml"] = table.grey_matter_bq_per_ml - 12000.0
+    table["empty_bq_per_ml"] = 0.0
+    path = tmp_path / "offset.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    code, out, err = run_cli(["fit-tacs", "--tsv", str(path), "--model", "patlak"], capsys)
+    assert code == 0, err
+    res = pd.read_csv(StringIO(out), sep="\t").set_index("region")
+    bad = res.loc["offset_bq_per_ml"]
+    assert not bad.ok and bad.status == "strongly negative values" and np.isfinite(bad.Ki)
+    assert res.loc["grey_matter_bq_per_ml"].ok and res.loc["liver_bq_per_ml"].ok
+    assert res.loc["grey_matter_bq_per_ml"].status == "ok"
+    empty = res.loc["empty_bq_per_ml"]
+    assert not empty.ok and empty.status == "all zero" and np.isnan(empty.Ki)
+    assert f"{path}: region 'offset_bq_per_ml' goes down to -12 kBq/ml" in err
+    assert "of its maximum" in err and "flagged ok=False" in err
+
+
 def test_fit_tacs_refuses_an_input_column_of_zeros(real_tacs_path, tmp_path, capsys):
     table = pd.read_csv(real_tacs_path, sep="\t")
     table["aorta_bq_per_ml"] = 0.0
