@@ -581,12 +581,31 @@ def test_fit_tacs_checks_every_output_before_writing(real_tacs_path, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tacs.tsv"]
 
 
-@pytest.mark.parametrize("method", ["fast", "curve_fit"])
-def test_a_zero_input_is_refused_before_fitting(method):
+@pytest.mark.parametrize(
+    "model, method",
+    [
+        ("irreversible_2tc", "fast"),
+        ("irreversible_2tc", "curve_fit"),
+        ("irreversible_2tc", "curve_fit_paper"),
+        ("reversible_2tc", "fast"),
+        ("reversible_2tc", "curve_fit"),
+        ("fit_reversible", "fast"),
+    ],
+)
+def test_a_zero_input_is_refused_before_fitting(model, method):
+    """Every fitter (fit, the published organ fit, the reversible model's through
+    fit_model and its own entry point) names the input's source, not a LinAlgError."""
+    from kinpet.modelfit import fit_model, fit_reversible
+
     zero = InputFunction(FRAMES.mids_s, np.zeros(len(FRAMES)), source="sub-09_blood.tsv")
     curves = np.ones((2, len(FRAMES)))
-    with pytest.raises(InputFunctionError, match="sub-09_blood.tsv: .* zero everywhere"):
-        fit(curves, zero, FRAMES, method=method)
+    with pytest.raises(InputFunctionError, match="^sub-09_blood.tsv: .* zero everywhere"):
+        if model == "fit_reversible":
+            fit_reversible(curves, zero, FRAMES, method)
+        elif model == "irreversible_2tc":
+            fit(curves, zero, FRAMES, method=method)
+        else:
+            fit_model(curves, model, zero, FRAMES, method=method)
 
 
 def test_fit_tacs_times_in_minutes_are_refused(real_tacs_path, tmp_path, capsys):
@@ -631,6 +650,27 @@ def test_fit_tacs_flags_a_strongly_negative_region(real_tacs_path, tmp_path, cap
     assert not bad.ok and bad.status == "strongly negative values" and np.isfinite(bad.K1)
     assert res.loc["grey_matter_bq_per_ml"].ok and res.loc["liver_bq_per_ml"].ok
     assert f"{path}: region 'offset_bq_per_ml' goes down to -12 kBq/ml" in err
+
+
+def test_fit_tacs_patlak_flags_a_strongly_negative_region(real_tacs_path, tmp_path, capsys):
+    """--model patlak: the same ok/status columns and the same flag and warning as the
+    compartment models; a region of zeros has no line (NaN, status all zero)."""
+    table = pd.read_csv(real_tacs_path, sep="\t")
+    table["offset_bq_per_ml"] = table.grey_matter_bq_per_ml - 12000.0
+    table["empty_bq_per_ml"] = 0.0
+    path = tmp_path / "offset.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    code, out, err = run_cli(["fit-tacs", "--tsv", str(path), "--model", "patlak"], capsys)
+    assert code == 0, err
+    res = pd.read_csv(StringIO(out), sep="\t").set_index("region")
+    bad = res.loc["offset_bq_per_ml"]
+    assert not bad.ok and bad.status == "strongly negative values" and np.isfinite(bad.Ki)
+    assert res.loc["grey_matter_bq_per_ml"].ok and res.loc["liver_bq_per_ml"].ok
+    assert res.loc["grey_matter_bq_per_ml"].status == "ok"
+    empty = res.loc["empty_bq_per_ml"]
+    assert not empty.ok and empty.status == "all zero" and np.isnan(empty.Ki)
+    assert f"{path}: region 'offset_bq_per_ml' goes down to -12 kBq/ml" in err
+    assert "of its maximum" in err and "flagged ok=False" in err
 
 
 def test_fit_tacs_refuses_an_input_column_of_zeros(real_tacs_path, tmp_path, capsys):

@@ -88,7 +88,8 @@ def test_fit_tacs_patlak_on_real_curves(real_tacs_path, tmp_path, capsys):
     base = ["fit-tacs", "--tsv", str(real_tacs_path), "--model", "patlak"]
     assert main([*base, "-o", str(out)]) == 0
     table = pd.read_csv(out, sep="\t").set_index("region")
-    assert list(table.columns) == ["Ki", "V0", "r2", "frames"]
+    assert list(table.columns) == ["Ki", "V0", "r2", "frames", "ok", "status"]
+    assert table.ok.all() and (table.status == "ok").all()
     gm = table.loc["grey_matter_bq_per_ml"]
     assert gm.r2 > 0.99 and gm.Ki == pytest.approx(0.041, rel=0.15) and gm.frames >= 5
     assert main([*base, "--t-star", "30", "-o", str(out)]) == 0

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kinpet import anatomy, phantom, simulation
+from kinpet import anatomy, phantom, resources, simulation
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import read_organ_values
@@ -308,7 +308,7 @@ def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(simulation.PhantomResourceError) as err:
         simulation.simulate_subject(subject, root)
     message = str(err.value)
-    gib = simulation.simulation_needs(subject.grid, 62)["memory"] / 2**30
+    gib = simulation.simulation_needs(subject.grid.shape, 62)["memory"] / 2**30
     available = simulation.available_memory() / 2**30
     assert message == (
         f"voxel_mm 0.1 mm: simulating sub-01 (paper body) on a 4000 x 2900 x 9000 grid "
@@ -320,7 +320,7 @@ def test_a_grid_too_large_for_memory_is_refused_before_anything_is_written(tmp_p
 
 def test_resource_check_names_the_config_value_and_the_scratch_disk(tmp_path, monkeypatch):
     subject = phantom.make_subject("sub-02", size="demo", voxel_mm=0.25)
-    needs = simulation.simulation_needs(subject.grid, 62)
+    needs = simulation.simulation_needs(subject.grid.shape, 62)
     setting = "config phantom.voxel_mm"
     with pytest.raises(
         simulation.PhantomResourceError,
@@ -330,10 +330,36 @@ def test_resource_check_names_the_config_value_and_the_scratch_disk(tmp_path, mo
     ):
         simulation.check_simulation_resources(subject, 62, tmp_path, setting, memory=4 * 2**30)
     free = type("Usage", (), {"free": needs["disk"] - 1})
-    monkeypatch.setattr(simulation.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(resources.shutil, "disk_usage", lambda path: free)
     scratch = f"GiB of scratch space in {tmp_path}"
     with pytest.raises(simulation.PhantomResourceError, match=scratch):
         simulation.check_simulation_resources(subject, 62, tmp_path / "bids", setting, memory=2**50)
     simulation.check_simulation_resources(
         phantom.make_subject("sub-02", size="tiny"), 62, tmp_path, setting, memory=2**50
     )
+
+
+def test_the_snakefiles_check_is_the_jobs(tmp_path):
+    """The Snakefile checks the config (kinpet.resources, numpy-free) before it plans; the
+    simulate job checks its subject: one estimate, one message, one notion of memory."""
+    subject = phantom.make_subject("sub-03", size="demo", voxel_mm=0.25)
+    errors = []
+    for check in (
+        lambda: simulation.check_simulation_resources(subject, 62, tmp_path, memory=2**33),
+        lambda: resources.check_phantom_resources(
+            "demo", 0.25, 62, tmp_path, "sub-03", memory=2**33
+        ),
+    ):
+        with pytest.raises(resources.PhantomResourceError) as err:
+            check()
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "8.00 GiB available" in errors[0]
+    assert resources.grid_shape(anatomy.SIZES["demo"].fov_mm, 0.25) == subject.grid.shape
+    # A job's fixed mem_mb caps what the Snakefile takes as available (SLURM's cgroup does
+    # the same inside the job).
+    assert resources.available_memory(mem_mb=1000) == min(resources.available_memory(), 1000 << 20)
+    assert resources.frame_count("paper") == len(FrameSchedule.paper()) == 62
+    sidecar = tmp_path / "sub-01_pet.json"
+    sidecar.write_text(json.dumps(FrameSchedule.from_durations([60.0] * 5).to_bids()))
+    assert resources.frame_count(sidecar) == 5
+    assert resources.frame_count(tmp_path / "missing_pet.json") is None  # the job names it

@@ -251,6 +251,50 @@ def test_bad_input_stops_the_pipeline_with_the_file_named(tmp_path):
     )
 
 
+def test_a_phantom_too_large_for_memory_is_refused_before_anything_is_deleted(tmp_path):
+    """A voxel size too fine for the memory stops Snakemake at parse time with the check's
+    one line: no job is planned, and the outputs of the previous run are still there (in
+    the simulate job the check came after Snakemake had deleted them)."""
+    work = copy_workflow(tmp_path / "work")
+    # Stand-ins for a previous run's dataset and results, newer than their inputs.
+    previous = [
+        "results/bids/sub-01/pet/sub-01_pet.nii.gz",
+        "results/bids/sub-01/pet/sub-01_pet.json",
+        "results/bids/sub-01/pet/sub-01_recording-idif_blood.tsv",
+        "results/bids/sub-01/pet/sub-01_recording-idif_blood.json",
+        "results/bids/derivatives/labels/sub-01/sub-01_dseg.nii.gz",
+        "results/bids/derivatives/labels/sub-01/sub-01_dseg.tsv",
+        *(
+            f"results/bids/derivatives/truth/sub-01/sub-01_desc-{name}_truth.nii.gz"
+            for name in (*PARAMETER_NAMES, "Ki")
+        ),
+        "results/bids/derivatives/truth/sub-01/sub-01_organs.tsv",
+        "results/preprocessed/sub-01/pet_2p5mm.nii.gz",
+    ]
+    for name in previous:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(f"previous run: {name}")
+    # The paper's body at 0.25 mm: about 376 GiB, more than any test machine has.
+    (work / "fine.yaml").write_text(
+        yaml.safe_dump({"phantom": {"size": "paper", "voxel_mm": 0.25}})
+    )
+    config = ("--configfile", "tests/config/tiny.yaml", "fine.yaml")
+    expected = (
+        "config phantom.voxel_mm 0.25 mm: simulating each of the 4 subjects (paper body) "
+        "on a 1600 x 1160 x 3600 grid (6681.6 million voxels) needs about"
+    )
+    target = "results/bids/sub-01/pet/sub-01_pet.nii.gz"
+    for run in (("-n",), ("--forcerun", "simulate")):
+        res = snakemake(target, *run, "--cores", "1", *config, cwd=work)
+        output = res.stdout + res.stderr
+        assert res.returncode != 0, output[-2000:]
+        assert expected in output and "GiB available: use a larger voxel size" in output
+        assert "rule simulate" not in output, output[-2000:]
+    for name in previous:
+        assert (work / name).read_text() == f"previous run: {name}", name
+    assert not (work / "logs/simulate").exists()
+
+
 def test_a_subject_in_two_roles_is_rejected(workdir):
     config = {"data": {"split": {"train": ["sub-01"], "validation": ["sub-01"], "test": []}}}
     (workdir / "twice.yaml").write_text(yaml.safe_dump(config))

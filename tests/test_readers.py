@@ -223,6 +223,7 @@ snakemake = SimpleNamespace(
     params=SimpleNamespace(**spec["params"]),
     log=[spec["log"]],
     threads=1,
+    wildcards=SimpleNamespace(**spec.get("wildcards", {})),
 )
 runpy.run_path(sys.argv[1], init_globals={"snakemake": snakemake}, run_name="__main__")
 """
@@ -339,6 +340,80 @@ def test_fit_slabs_names_a_truncated_image_in_one_line(tmp_path):
     assert res.returncode == 1 and "Traceback" not in log
     assert log.strip().splitlines()[-1].startswith("ERROR: pet.nii.gz: truncated or corrupt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fit_slabs.log", "pet.nii.gz"]
+
+
+def test_fit_chunk_names_a_truncated_slab_file_in_one_line(tmp_path):
+    from kinpet.frames import FrameSchedule
+    from kinpet.inputfunction import InputFunction
+    from kinpet.io import write_blood_tsv
+    from kinpet.voxelfit import write_slabs
+
+    frames = FrameSchedule.paper()
+    labels = np.ones((6, 5, 4), dtype=np.int16)
+    write_nifti(tmp_path / "labels.nii.gz", labels, AFFINE, dtype=np.int16)
+    write_label_table(tmp_path / "labels.tsv", {0: "background", 1: "body"})
+    (tmp_path / "pet.json").write_text(json.dumps(frames.to_bids()))
+    write_blood_tsv(tmp_path / "blood.tsv", InputFunction.feng(peak_kbq_per_ml=200.0))
+    write_slabs(np.ones((6, 5, 4, len(frames)), np.float32), tmp_path / "slabs.npy")
+    truncate(tmp_path / "slabs.npy", 0.6)  # the chunk's slices 2-3 are past the end
+    spec = {
+        "input": {"slabs": "slabs.npy", "labels": "labels.nii.gz", "labels_tsv": "labels.tsv",
+                  "blood": "blood.tsv", "pet_json": "pet.json"},
+        "output": {"maps": "out/chunk-1.npz", "fit_time": "out/chunk-1.tsv"},
+        "params": {"chunks": 2, "slices": "all", "weights": "none", "sampling": "average"},
+        "wildcards": {"method": "fast", "chunk": "1"},
+        "log": "fit_chunk.log",
+    }  # fmt: skip
+    (tmp_path / "out").mkdir()
+    res = run_script("fit_chunk", spec, tmp_path)
+    log = (tmp_path / "fit_chunk.log").read_text()
+    assert res.returncode == 1 and "Traceback" not in log + res.stderr, log
+    assert log.strip().splitlines()[-1].startswith("ERROR: slabs.npy: truncated or corrupt")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_predict_stops_on_an_all_zero_input_with_one_line(tmp_path):
+    """An input function that is zero everywhere (a blood column of zeros): predict.py
+    names the file in one line and writes no map, rather than maps of nothing."""
+    import torch
+
+    from kinpet.checkpoints import save_checkpoint
+    from kinpet.frames import FrameSchedule
+    from kinpet.inputfunction import InputFunction
+    from kinpet.io import write_blood_tsv
+    from kinpet.settings import TrainSettings
+    from kinpet.training import build_model
+
+    frames = FrameSchedule.paper()
+    settings = TrainSettings()
+    model = build_model(settings)  # untrained: the script stops before it predicts
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    save_checkpoint(tmp_path / "best.pt", model, optimizer, schedule, torch.Generator(), 0,
+                    {"val_loss": 1.0, "epoch": 1}, settings)  # fmt: skip
+    rng = np.random.default_rng(3)
+    write_nifti(tmp_path / "pet.nii.gz", rng.random((8, 8, 4, len(frames)), np.float32), AFFINE)
+    write_nifti(tmp_path / "labels.nii.gz", np.ones((8, 8, 4), np.int16), AFFINE, np.int16)
+    (tmp_path / "pet.json").write_text(json.dumps(frames.to_bids()))
+    zero = InputFunction(frames.mids_s, np.zeros(len(frames)))
+    write_blood_tsv(tmp_path / "input_blood.tsv", zero)
+    np.savez(tmp_path / "slices.npz", z=np.arange(4), crop=np.zeros(2, int))
+    maps = [f"out/desc-{name}_kinpar.nii.gz" for name in ("K1", "k2", "k3", "Vb", "Ki")]
+    spec = {
+        "input": {"checkpoint": "best.pt", "pet": "pet.nii.gz", "labels": "labels.nii.gz",
+                  "blood": "input_blood.tsv", "pet_json": "pet.json", "slices": "slices.npz"},
+        "output": {"maps": maps, "metrics": "out/slice_metrics.tsv"},
+        "params": {"refine_steps": 0, "refine_learning_rate": None, "crop": [8, 8]},
+        "log": "predict.log",
+    }  # fmt: skip
+    (tmp_path / "out").mkdir()
+    res = run_script("predict", spec, tmp_path)
+    log = (tmp_path / "predict.log").read_text()
+    assert res.returncode == 1, res.stderr + log
+    assert "Traceback" not in log + res.stderr, log
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("ERROR: input_blood.tsv: the input function is zero everywhere"), log
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_binary_sidecars_are_named(tmp_path):

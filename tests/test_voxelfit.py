@@ -227,6 +227,28 @@ def test_slab_file_is_checked(tmp_path):
     assert not (tmp_path / "out.npy").exists()
 
 
+@pytest.mark.parametrize("keep", [0, 40, 0.5, -1])
+def test_a_truncated_slab_file_is_named(tmp_path, keep):
+    """A slab file cut short (a copy or a write that stopped part way): one error naming
+    the file, for the missing slices and for those still in the file, not numpy's
+    "mmap length is greater than file size"."""
+    from kinpet.io import KinpetInputError
+
+    path = tmp_path / "pet_2p5mm_slabs.npy"
+    write_slabs(small_volume(shape=(5, 4, 6))[0], path)
+    data = path.read_bytes()
+    cut = len(data) - 1 if keep == -1 else int(keep * len(data)) if keep < 1 else keep
+    path.write_bytes(data[:cut])
+    problem = "empty file" if cut == 0 else "truncated or corrupt"
+    for z0, z1 in ((0, 1), (4, 6)):
+        with pytest.raises(KinpetInputError) as info:
+            read_slab(path, z0, z1)
+        assert str(info.value).startswith(f"{path}: {problem}"), info.value
+        assert "\n" not in str(info.value)
+    with pytest.raises(KinpetInputError, match="file not found"):
+        read_slab(tmp_path / "missing.npy", 0, 1)
+
+
 def test_fit_chunk_times_the_fitter():
     pet, mask = small_volume(shape=(3, 3, 4))
     timing = {}

@@ -1,7 +1,8 @@
 """The phantom's anatomy: labels, size presets, the voxel grid and the body's shapes.
 
 Anatomy is built from geometric shapes placed in physical millimetres, so the small demo
-body and the full-size body of the paper share one code path: a size preset (:data:`SIZES`)
+body and the full-size body of the paper share one code path: a size preset (:data:`SIZES`,
+defined in :mod:`kinpet.resources`)
 scales an adult reference body (about 350 x 250 mm transaxially, 900 mm from the upper
 thighs to the neck) and sets the field of view; voxels are 1.6 mm (the paper's
 reconstructions) unless told otherwise (docs/phantom.md).
@@ -18,6 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.spatial import cKDTree
+
+# The size presets and the grid's shape are kinpet.resources' (numpy-free: the Snakefile
+# checks a config's memory with them), re-exported ("as") for the phantom's modules.
+from kinpet.resources import SIZES as SIZES
+from kinpet.resources import PhantomSize as PhantomSize
+from kinpet.resources import grid_shape
 
 LABELS = {
     0: "background",
@@ -39,34 +46,6 @@ PAPER_ORGANS = ("bones", "lungs", "heart", "liver", "kidneys", "spleen", "aorta"
 BLOOD_LABELS = ("aorta", "heart_blood")
 
 
-@dataclass(frozen=True)
-class PhantomSize:
-    """A body size preset.
-
-    Parameters
-    ----------
-    name : str
-    fov_mm : tuple of 3 floats
-        Field of view (x, y, z) in mm.
-    scale : tuple of 2 floats
-        Transaxial and axial scale of the adult reference body (350 x 250 x 900 mm).
-    """
-
-    name: str
-    fov_mm: tuple
-    scale: tuple
-
-
-SIZES = {
-    # Paper: an adult from the upper thighs to the neck on the Quadra's 1.6-mm grid.
-    "paper": PhantomSize("paper", (400.0, 290.0, 900.0), (1.0, 1.0)),
-    # Demo: a child-sized body, ~150 x 110 x 250 mm, ~1 million voxels.
-    "demo": PhantomSize("demo", (160.0, 118.0, 250.0), (0.43, 0.28)),
-    # Tiny: for unit tests only (~120,000 voxels).
-    "tiny": PhantomSize("tiny", (82.0, 61.0, 112.0), (0.22, 0.125)),
-}
-
-
 # -- geometry ----------------------------------------------------------------------------------
 
 
@@ -84,7 +63,7 @@ class Grid:
 
     @classmethod
     def from_fov(cls, fov_mm, voxel_mm: float) -> Grid:
-        return cls(tuple(int(round(f / voxel_mm)) for f in fov_mm), float(voxel_mm))
+        return cls(grid_shape(fov_mm, voxel_mm), float(voxel_mm))
 
     def axis(self, dim: int) -> np.ndarray:
         """Patient coordinate (mm) of the voxel centres along axis 0 (x), 1 (y) or 2 (z)."""

@@ -114,9 +114,7 @@ def _check_outputs(args) -> None:
 def cmd_fit_tacs(args) -> None:
     import pandas as pd
 
-    from kinpet.fitting import flag_negative
     from kinpet.io import (
-        NEGATIVE_TOLERANCE,
         KinpetInputError,
         read_region_curves,
         write_table_atomic,
@@ -165,14 +163,7 @@ def cmd_fit_tacs(args) -> None:
     result = fit_model(curves, model.name, inp, frames, method=args.method, weights=args.weights,
                        sampling=args.sampling, fixed=fixed, delay_bounds_s=args.fit_delay,
                        blood_function=blood)  # fmt: skip
-    for i in flag_negative(result, curves, NEGATIVE_TOLERANCE):
-        low, high = np.nanmin(curves[i]), np.nanmax(curves[i])
-        warnings.warn(
-            f"{args.tsv}: region {names[i]!r} goes down to {low:.4g} kBq/ml, "
-            f"{-low / high:.0%} of its maximum {high:.4g} kBq/ml (more than "
-            f"{NEGATIVE_TOLERANCE:.0%}: wrong scale or offset?); flagged ok=False",
-            stacklevel=1,
-        )
+    _flag_negative_regions(args.tsv, names, curves, result)
     table = pd.DataFrame({"region": names, **result_columns(model, result)})
     # Render everything first, then write: a failure leaves no half-written output.
     figure = None
@@ -203,9 +194,25 @@ def _patlak_table(args, names, curves, inp, frames):
             "does not apply"
         )
     r = patlak(curves, inp, frames, t_star_min=args.t_star)
-    return pd.DataFrame(
-        {"region": names, "Ki": r.ki, "V0": r.intercept, "r2": r.r2, "frames": r.frames_used}
-    )
+    _flag_negative_regions(args.tsv, names, curves, r)
+    columns = {"Ki": r.ki, "V0": r.intercept, "r2": r.r2, "frames": r.frames_used}
+    return pd.DataFrame({"region": names, **columns, "ok": r.ok, "status": r.reasons()})
+
+
+def _flag_negative_regions(path, names, curves, result) -> None:
+    """Clear ``ok`` of the regions that go far below 0 (:func:`kinpet.fitting.flag_negative`,
+    a FitResult or PatlakResult) and warn of each, naming the file, region and minimum."""
+    from kinpet.fitting import flag_negative
+    from kinpet.io import NEGATIVE_TOLERANCE
+
+    for i in flag_negative(result, curves, NEGATIVE_TOLERANCE):
+        low, high = np.nanmin(curves[i]), np.nanmax(curves[i])
+        warnings.warn(
+            f"{path}: region {names[i]!r} goes down to {low:.4g} kBq/ml, "
+            f"{-low / high:.0%} of its maximum {high:.4g} kBq/ml (more than "
+            f"{NEGATIVE_TOLERANCE:.0%}: wrong scale or offset?); flagged ok=False",
+            stacklevel=1,
+        )
 
 
 def _say_inputs(path, columns: tuple, command: str) -> None:

@@ -220,7 +220,7 @@ def screen_curves(tacs: np.ndarray) -> np.ndarray:
     return status
 
 
-def flag_negative(result: FitResult, tacs, tolerance: float) -> np.ndarray:
+def flag_negative(result, tacs, tolerance: float) -> np.ndarray:
     """Mark fitted curves whose minimum lies below ``-tolerance`` times their maximum as
     not ok (status "strongly negative values"); their values are kept to look at.
 
@@ -228,6 +228,13 @@ def flag_negative(result: FitResult, tacs, tolerance: float) -> np.ndarray:
     numbers that look fine. For region means that is no noise but a wrong scale, an
     offset or a bad background subtraction. (Not applied to voxels, whose noise can be
     large against their own maximum.)
+
+    Parameters
+    ----------
+    result : FitResult or kinpet.patlak.PatlakResult
+        Its ``ok`` and ``status`` are changed in place.
+    tacs : array_like [N, T]
+    tolerance : float
 
     Returns
     -------

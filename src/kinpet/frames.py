@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Re-exported ("as"): the paper's schedule is read from kinpet.frames.
+from kinpet.constants import PAPER_DURATIONS_S as PAPER_DURATIONS_S
+
 # Rounding slack when checking that frames do not overlap: PET-BIDS sidecars often carry
 # start times rounded to milliseconds, and tables in minutes with 7 significant digits
 # (kinfitr's, PETPAL's) make neighbouring frames overlap by a few ms. An overlap up to 1 ms
@@ -24,12 +27,6 @@ def overlap_tolerance_s(durations_s) -> np.ndarray:
     """The overlap allowed between each frame and the next (s), shape [n_frames - 1]."""
     d = np.asarray(durations_s, dtype=np.float64)
     return np.maximum(OVERLAP_TOLERANCE_S, OVERLAP_TOLERANCE_REL * np.minimum(d[:-1], d[1:]))
-
-
-# The paper's Biograph Vision Quadra protocol (De Benetti et al. 2023, Sec. 2.4), in
-# the order of the published code: 2x10 s, 30x2 s, 4x10 s, 8x30 s, 4x60 s, 5x120 s, 9x300 s.
-PAPER_DURATIONS_S = (10.0,) * 2 + (2.0,) * 30 + (10.0,) * 4 + (30.0,) * 8
-PAPER_DURATIONS_S += (60.0,) * 4 + (120.0,) * 5 + (300.0,) * 9
 
 
 # A dynamic FDG scan lasts tens of minutes. One that ends within 5 min is almost always

@@ -48,6 +48,11 @@ class PatlakResult:
     frames_used : int
         Frames with a mid-time at or after t*.
     t_star_min : float
+    ok : ndarray of bool [N]
+        The curve passed the compartment fits' screen (:func:`kinpet.fitting.screen_curves`)
+        and its line is finite; :func:`kinpet.fitting.flag_negative` may clear it.
+    status : ndarray of int8 [N]
+        Why a curve is not ok: an index into :data:`kinpet.fitting.STATUS_NAMES`.
     """
 
     ki: np.ndarray
@@ -55,6 +60,14 @@ class PatlakResult:
     r2: np.ndarray
     frames_used: int
     t_star_min: float
+    ok: np.ndarray
+    status: np.ndarray
+
+    def reasons(self) -> list[str]:
+        """The status of every curve in words."""
+        from kinpet.fitting import STATUS_NAMES
+
+        return [STATUS_NAMES[s] for s in self.status]
 
 
 def patlak_coordinates(input_function: InputFunction, frames: FrameSchedule):
@@ -108,4 +121,13 @@ def patlak(
     total = (yc**2).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = np.where(total > 0, 1.0 - (residual**2).sum(axis=1) / total, np.nan)
-    return PatlakResult(slope, intercept, r2, int(use.sum()), float(t_star_min))
+    # The compartment fits' screen and status codes, so that a table of Patlak fits says
+    # which regions to trust as theirs do; a curve screened out has no line (NaN).
+    from kinpet.fitting import STATUS_FAILED, STATUS_OK, screen_curves
+
+    status = screen_curves(y)
+    failed = (status == STATUS_OK) & ~(np.isfinite(slope) & np.isfinite(intercept))
+    status[failed] = STATUS_FAILED
+    ok = status == STATUS_OK
+    slope, intercept, r2 = (np.where(ok, v, np.nan) for v in (slope, intercept, r2))
+    return PatlakResult(slope, intercept, r2, int(use.sum()), float(t_star_min), ok, status)

@@ -256,7 +256,7 @@ _NAMED_ERRORS = (KinpetInputError, FrameScheduleError, InputFunctionError)
 _NAMED_ERRORS_ELSEWHERE = {
     "kinpet.preprocessing": "PreprocessingError",
     "kinpet.evaluation": "EvaluationError",
-    "kinpet.simulation": "PhantomResourceError",
+    "kinpet.resources": "PhantomResourceError",
     "kinpet.checkpoints": "TrainingBusyError",
 }
 

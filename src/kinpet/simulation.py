@@ -17,8 +17,6 @@ Memory and scratch disk are checked before anything is written
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -29,16 +27,20 @@ import pandas as pd
 import torch
 from scipy.ndimage import gaussian_filter
 
-from kinpet.anatomy import LABEL_INDEX, LABELS, Grid
+from kinpet.anatomy import LABEL_INDEX, LABELS
 from kinpet.constants import F18_LAMBDA_PER_MIN
 from kinpet.frames import FrameSchedule
 from kinpet.kinetics import PARAMETER_NAMES, KineticModel, ki
 from kinpet.phantom import Subject, make_subject, subject_ids
 
+# Re-exported ("as"): callers of the simulation find the resource check here too.
+from kinpet.resources import SLAB_VOXELS, check_phantom_resources
+from kinpet.resources import PhantomResourceError as PhantomResourceError
+from kinpet.resources import available_memory as available_memory
+from kinpet.resources import simulation_needs as simulation_needs
+
 TRUTH_NAMES = (*PARAMETER_NAMES, "Ki")
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
-# Slabs hold at most this many voxels: the model's float64 output is then ~130 MB.
-_SLAB_VOXELS = 262_144
 # gzip level of the 4D image: noisy float32 barely compresses beyond level 1, which is
 # several times faster than the default 9.
 _GZIP_LEVEL = 1
@@ -105,58 +107,15 @@ def blur(image: np.ndarray, fwhm_mm: float, voxel_mm: float) -> np.ndarray:
 
 
 # -- resources ------------------------------------------------------------------------------------
-# What simulate_subject allocates: the label map and the five truth maps of the whole grid
-# (22 bytes a voxel), and frame by frame the frame, its blur, the noise and their
-# temporaries, and a NIfTI's bytes (about 38 more); the kinetic model of one slab (at
-# least one slice; 1.5 kB a body voxel, measured); torch and the rest (under 1 GiB).
-# Allocations, not resident pages: the resident peak is lower (zero pages of the
-# background are never touched: 17 bytes a voxel measured on the demo body at 1 mm), but
-# an allocation larger than the memory fails whatever is touched later.
-SIMULATION_BYTES_PER_VOXEL = 60
-MODEL_BYTES_PER_VOXEL = 1600
-SIMULATION_FIXED_BYTES = 1 << 30
-
-
-class PhantomResourceError(ValueError):
-    """A simulation that would not fit in memory or on disk."""
-
-
-def available_memory() -> int:
-    """Bytes of memory this process may use: the physical memory (``os.sysconf``), or the
-    cgroup's limit when lower (a SLURM job's ``mem_mb``, a container)."""
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
-
-
-def simulation_needs(grid: Grid, n_frames: int) -> dict:
-    """Estimated peak memory and scratch disk (bytes) of simulating on ``grid``.
-
-    The scratch file holds the noise-free frames, 4 bytes a voxel and frame, beside the
-    output; the memory estimate is :data:`SIMULATION_BYTES_PER_VOXEL` a voxel of the grid,
-    :data:`MODEL_BYTES_PER_VOXEL` a voxel of one slab and :data:`SIMULATION_FIXED_BYTES`.
-    """
-    voxels = int(np.prod(grid.shape, dtype=np.int64))
-    slab = max(_SLAB_VOXELS, grid.shape[0] * grid.shape[1])
-    return {
-        "voxels": voxels,
-        "memory": SIMULATION_FIXED_BYTES
-        + SIMULATION_BYTES_PER_VOXEL * voxels
-        + MODEL_BYTES_PER_VOXEL * slab,
-        "disk": 4 * voxels * int(n_frames),
-    }
 
 
 def check_simulation_resources(
     subject: Subject, n_frames: int, root, setting: str = "voxel_mm", memory=None
 ) -> None:
     """Refuse a simulation that cannot fit, before anything is computed or written.
+
+    :func:`kinpet.resources.check_phantom_resources` on the subject's size and voxel size;
+    the Snakefile runs that check too, on the config, before it plans a job.
 
     Parameters
     ----------
@@ -168,36 +127,16 @@ def check_simulation_resources(
     setting : str
         How the voxel size is named in the message (``config phantom.voxel_mm``).
     memory : int, optional
-        Bytes available (default: :func:`available_memory`).
+        Bytes available (default: :func:`kinpet.resources.available_memory`).
 
     Raises
     ------
     PhantomResourceError
         Naming the setting and its value, the grid, the estimate and what is available.
     """
-    grid = subject.grid
-    needs = simulation_needs(grid, n_frames)
-    memory = available_memory() if memory is None else int(memory)
-    shape = " x ".join(map(str, grid.shape))
-    what = (
-        f"{setting} {grid.voxel_mm:g} mm: simulating {subject.subject_id} "
-        f"({subject.size.name} body) on a {shape} grid ({needs['voxels'] / 1e6:.1f} million "
-        "voxels) needs about"
+    check_phantom_resources(
+        subject.size, subject.grid.voxel_mm, n_frames, root, subject.subject_id, setting, memory
     )
-    if needs["memory"] > memory:
-        raise PhantomResourceError(
-            f"{what} {needs['memory'] / 2**30:.2f} GiB of memory, more than the "
-            f"{memory / 2**30:.2f} GiB available: use a larger voxel size"
-        )
-    folder = Path(root).resolve()
-    while not folder.exists():
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if needs["disk"] > free:
-        raise PhantomResourceError(
-            f"{what} {needs['disk'] / 2**30:.2f} GiB of scratch space in {folder}, more "
-            f"than the {free / 2**30:.2f} GiB free: use a larger voxel size or free space"
-        )
 
 
 def _log(message: str) -> None:
@@ -263,7 +202,7 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
     inp = subject.input_function(frames)
     model = KineticModel(inp, frames, sampling="average")
     reference_frame = nt - 1
-    slab = max(1, _SLAB_VOXELS // (nx * ny))
+    slab = max(1, SLAB_VOXELS // (nx * ny))
     labels = np.zeros((nz, ny, nx), dtype=np.int16)
     truth = np.zeros((5, nz, ny, nx), dtype=np.float32)
     frame_bytes = nx * ny * nz * 4

@@ -74,21 +74,46 @@ def write_slabs(image, path) -> tuple[int, ...]:
 
 
 def slab_layout(path) -> tuple[tuple[int, ...], int]:
-    """Shape [Z, X, Y, T] and data offset (bytes) of a file of :func:`write_slabs`."""
+    """Shape [Z, X, Y, T] and data offset (bytes) of a file of :func:`write_slabs`.
+
+    Raises
+    ------
+    KinpetInputError
+        Naming the file and the problem: missing, empty, not a ``.npy`` header, not a slab
+        file (C-ordered float32 [Z, X, Y, T]), or shorter than its header says (a copy or
+        a write that stopped part way).
+    """
+    # kinpet.io imports nibabel and pandas: imported here to keep this module light.
+    from kinpet.io import KinpetInputError, _naming_corrupt_file
+
+    path = Path(path)
+    if not path.exists():
+        raise KinpetInputError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise KinpetInputError(f"{path}: empty file (0 bytes)")
     readers = {
         (1, 0): np.lib.format.read_array_header_1_0,
         (2, 0): np.lib.format.read_array_header_2_0,
     }
-    with open(path, "rb") as f:
+    with _naming_corrupt_file(path, "reading the .npy header"), open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         if version not in readers:
-            raise ValueError(f"{path}: .npy format version {version} is not supported")
+            raise KinpetInputError(f"{path}: .npy format version {version} is not supported")
         shape, fortran, dtype = readers[version](f)
         offset = f.tell()
     if len(shape) != 4 or fortran or dtype != np.dtype(np.float32):
-        raise ValueError(
+        raise KinpetInputError(
             f"{path}: not a slab file (C-ordered float32 [Z, X, Y, T]); found shape "
             f"{shape}, dtype {dtype}, {'Fortran' if fortran else 'C'} order"
+        )
+    # Checked here, not left to np.memmap: its "mmap length is greater than file size"
+    # names no file, and a chunk within the file's short length would read without error.
+    expected = offset + 4 * int(np.prod(shape))
+    if size != expected:
+        raise KinpetInputError(
+            f"{path}: truncated or corrupt file ({size} bytes; its header's shape "
+            f"{list(shape)} needs {expected})"
         )
     return tuple(int(n) for n in shape), offset
 
@@ -99,21 +124,32 @@ def read_slab(path, z0: int, z1: int) -> np.ndarray:
     The same values as :func:`read_chunk` on the image the file was written from. Only the
     bytes of those slices are mapped (an empty range maps nothing), so a job reads its
     slab and no more.
+
+    Raises
+    ------
+    KinpetInputError
+        Naming the file and the problem (:func:`slab_layout`; an error reading the bytes).
+    ValueError
+        If [z0, z1) is not within the file's slices.
     """
+    from kinpet.io import _naming_corrupt_file
+
     (n_z, n_x, n_y, n_t), offset = slab_layout(path)
     if not 0 <= z0 <= z1 <= n_z:
         raise ValueError(f"slices {z0}-{z1} are not within the {n_z} slices of {path}")
     if z1 == z0:
         return np.zeros((n_x, n_y, 0, n_t), dtype=np.float32)
     plane = n_x * n_y * n_t * 4  # bytes per slice
-    mapped = np.memmap(
-        Path(path),
-        dtype=np.float32,
-        mode="r",
-        offset=offset + z0 * plane,
-        shape=(z1 - z0, n_x, n_y, n_t),
-    )
-    slab = np.array(mapped)  # read now, then let the map go
+    # The file may change between the size check and the read (a rerun rewriting it).
+    with _naming_corrupt_file(path, f"reading slices {z0}-{z1 - 1}"):
+        mapped = np.memmap(
+            Path(path),
+            dtype=np.float32,
+            mode="r",
+            offset=offset + z0 * plane,
+            shape=(z1 - z0, n_x, n_y, n_t),
+        )
+        slab = np.array(mapped)  # read now, then let the map go
     del mapped
     return np.moveaxis(slab, 0, 2)
 

@@ -1,5 +1,6 @@
 import copy
 import os
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -37,6 +38,9 @@ _SRC = str(Path(workflow.basedir) / "src")
 os.environ.update(
     PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 )
+# The Snakefile itself imports only kinpet's standard-library modules (kinpet.resources),
+# from the same src/: Snakemake's own environment may lack numpy.
+sys.path.insert(0, _SRC)
 
 
 # -- Subjects and PET-BIDS inputs (preprocess.smk) ---------------------------------------
@@ -289,6 +293,15 @@ def job_threads(name):
     except Exception:  # e.g. `snakemake --report`, which gives no --cores
         return value
     return min(value, cores) if isinstance(cores, int) else value
+
+
+def fixed_mem_mb(name):
+    """The mem_mb of rule ``name`` when it is a number (the rule's, a profile's or
+    --set-resources'), else None (unset, or computed per job)."""
+    resource = getattr(rules, name).rule.resources.get("mem_mb")
+    if resource is None or resource.is_evaluable():
+        return None
+    return resource.value if isinstance(resource.value, int) else None
 
 
 # -- Paths keyed by wildcards, for the rules that aggregate over subjects --------------

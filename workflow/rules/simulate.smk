@@ -55,6 +55,37 @@ rule simulate:
         "../scripts/simulate.py"
 
 
+# A phantom too large for the memory or disk is refused here, before Snakemake plans a job:
+# the simulate job's own check comes after Snakemake has deleted the outputs it reruns.
+# The memory is this machine's, or the simulate job's mem_mb when fixed (what a cluster
+# job gets). Only the main process checks: a cluster job parses the Snakefile again,
+# under the memory of whatever job it runs.
+if DATA["source"] == "phantom" and workflow.is_main_process:
+    from kinpet.resources import (
+        PhantomResourceError,
+        available_memory,
+        check_phantom_resources,
+        frame_count,
+    )
+
+    try:
+        check_phantom_resources(
+            PHANTOM["size"],
+            PHANTOM["voxel_mm"],
+            frame_count(PHANTOM["frames"]),
+            BIDS,
+            subject=(
+                PHANTOM_SUBJECTS[0]
+                if len(PHANTOM_SUBJECTS) == 1
+                else f"each of the {len(PHANTOM_SUBJECTS)} subjects"
+            ),
+            setting="config phantom.voxel_mm",
+            memory=available_memory(fixed_mem_mb("simulate")),
+        )
+    except PhantomResourceError as err:
+        raise WorkflowError(str(err)) from None
+
+
 rule phantom_figure:
     input:
         pet=f"{BIDS}/{PHANTOM['figure_subject']}/pet/{PHANTOM['figure_subject']}_pet.nii.gz",
