@@ -385,12 +385,12 @@ def test_files(pattern):
     return keyed(pattern, subject=SPLIT["test"])
 
 
-def network_maps(subjects, ablation=BEST):
+def network_maps(subjects, ablation=BEST, names=MAP_NAMES):
     """The maps of the best ablation (the figures' network), keyed by subject and name."""
     return keyed(
         f"results/prediction/{ablation}/{{subject}}/{{subject}}_desc-{{name}}_kinpar.nii.gz",
         subject=subjects,
-        name=MAP_NAMES,
+        name=names,
     )
 
 
@@ -399,12 +399,13 @@ def best_prediction_maps(subjects, ablation=BEST):
     return leaves(network_maps(subjects, ablation))
 
 
-def truth_maps():
-    """The true maps of the test subjects at 2.5 mm, keyed by subject and name."""
+def truth_maps(names=None):
+    """The true maps of the test subjects at 2.5 mm (``names``, default all of
+    TRUTH_NAMES), keyed by subject and name."""
     return keyed(
         "results/evaluation/truth/{subject}/{subject}_desc-{name}_truth.nii.gz",
         subject=SPLIT["test"],
-        name=TRUTH_NAMES,
+        name=TRUTH_NAMES if names is None else names,
     )
 
 
@@ -428,7 +429,7 @@ def figure2_reference(wildcards):
     (their organ means, on the same masks as the network's)."""
     if EVALUATION["reference_values"]:
         return [EVALUATION["reference_values"]]
-    return leaves(truth_maps()) if reference_is_truth() else []
+    return leaves(truth_maps(COMPARED_NAMES)) if reference_is_truth() else []
 
 
 def evaluation_outputs():
