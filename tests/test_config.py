@@ -2,7 +2,9 @@
 workflow/rules/common.smk runs: snakemake.utils.validate on config/config.yaml with the
 user's files merged into it, as Snakemake merges them."""
 
+import ast
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,32 @@ def test_validation_fills_the_defaults_of_a_replaced_split():
     config["data"]["split"] = copy.deepcopy({"train": ["sub-01"], "test": ["sub-02"]})
     validate(config, str(SCHEMA))
     assert config["data"]["split"] == {"train": ["sub-01"], "validation": [], "test": ["sub-02"]}
+
+
+def test_the_schema_knows_the_registry_models():
+    from kinpet.models import MODELS
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert schema["properties"]["model"]["enum"] == list(MODELS)
+    assert merged()["model"] == "irreversible_2tc"  # the paper's, by default
+
+
+def test_common_smk_restates_the_registry():
+    """The rules' table of models (workflow/rules/common.smk) is kinpet.models' registry."""
+    from kinpet.models import MODELS
+
+    text = (ROOT / "workflow/rules/common.smk").read_text()
+    table = ast.literal_eval(re.search(r"^KINETIC_MODELS = (\{.*?^\})", text, re.M | re.S)[1])
+    assert table == {
+        name: {
+            "parameters": list(m.parameters),
+            "macro": list(m.macro),
+            "fit_methods": list(m.fit_methods),
+        }
+        for name, m in MODELS.items()
+    }
+
+
+def test_an_unknown_model_is_refused_naming_the_known_ones():
+    with pytest.raises(Exception, match=r"'patlak' is not one of \['irreversible_2tc'"):
+        validate(merged({"model": "patlak"}), str(SCHEMA))

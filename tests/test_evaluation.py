@@ -305,3 +305,22 @@ def test_every_figure_is_written_by_save_figure():
         if ".savefig(" in p.read_text() and p.name != "figures.py"
     ]
     assert bare == []
+
+
+def test_reference_values_keep_the_maps_of_the_model():
+    table = pd.DataFrame({"organ": ["liver"], "K1": [0.9], "k3": [0.01], "Ki": [0.02]})
+    long = ev.reference_long(table, ("K1", "k2", "k3", "k4", "Vb", "VT", "VS"))
+    assert list(long["parameter"]) == ["K1", "k3"]  # Ki is not the reversible model's
+
+
+def test_comparison_note_names_the_maps_either_side_lacks():
+    truth = ("K1", "k2", "k3", "Vb", "Ki")
+    assert ev.comparison_note("irreversible_2tc", truth, truth, "truth") == ""
+    note = ev.comparison_note(
+        "reversible_2tc", ("K1", "k2", "k3", "k4", "Vb", "VT", "VS"), truth, "truth"
+    )
+    assert note == (
+        "Model reversible_2tc: compared with the truth on K1, k2, k3, Vb; k4, VT, VS have no "
+        "reference value; Ki is not defined for reversible_2tc."
+    )
+    assert ev.UNITS["k4"] == "1/min" and ev.UNITS["VT"] == "ml/cm3"

@@ -329,6 +329,89 @@ def test_a_misspelt_config_key_stops_the_run(workdir, typo, word):
     assert "typo.yaml" in lines[0] and f"'{word}' was unexpected" in lines[0]
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({}, "config model (reversible_2tc): training.projection: true needs model: "),
+        (
+            {"training": {"projection": False}, "fit": {"organ_method": "curve_fit_paper"}},
+            "config fit.organ_method (curve_fit_paper, or training.recipe: paper): not "
+            "available for model reversible_2tc, which is fitted with fast, curve_fit",
+        ),
+    ],
+)
+def test_what_another_model_cannot_do_stops_the_run_at_once(workdir, extra, message):
+    (workdir / "reversible.yaml").write_text(yaml.safe_dump({"model": "reversible_2tc", **extra}))
+    res = snakemake("-n", "--cores", "1", "--configfile", "reversible.yaml", cwd=workdir)
+    assert res.returncode != 0
+    assert message in res.stderr + res.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_reversible_run(tmp_path_factory):
+    """The whole pipeline on tests/config/tiny_reversible.yaml (model: reversible_2tc)."""
+    work = copy_workflow(tmp_path_factory.mktemp("tiny_reversible"))
+    res = snakemake(
+        *TINY_TARGETS, "--cores", "2", "--configfile", "tests/config/tiny_reversible.yaml", cwd=work
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return work
+
+
+def test_tiny_reversible_model_end_to_end(tiny_reversible_run):
+    """The reversible model through fits, training, prediction, figures and tables."""
+    from kinpet.models import get_model, map_names, parameter_map_names
+    from kinpet.training import load_model
+
+    work = tiny_reversible_run
+    model = get_model("reversible_2tc")
+    names = parameter_map_names(model)  # K1, k2, k3, k4, Vb, VT, VS
+    log = pd.read_csv(work / "results/training/4.1/log.csv")
+    assert log.train_loss.iloc[-1] < log.train_loss.iloc[0]
+    net, settings = load_model(work / "results/training/4.1/best.pt", "cpu")
+    assert settings.model == "reversible_2tc" and net.n_outputs == 5
+    assert "reversible_2tc" in (work / "logs/train/4.1.log").read_text()
+    labels = _tiny_labels(work)[0]
+    body = labels > 0
+    out = work / "results/prediction/4.1/sub-04"
+    for i, name in enumerate(names):
+        values = _map(out / f"sub-04_desc-{name}_kinpar.nii.gz")[body]
+        if i < len(model.parameters):  # within the registry's bounds
+            assert np.isfinite(values).all(), name
+            assert values.min() >= model.lower[i] - 1e-6 and values.max() <= model.upper[i] + 1e-6
+        else:  # VT and VS: infinite where k4 reaches its bound 0
+            assert np.isfinite(values).any(), name
+    assert not list(out.glob("*desc-Ki_*"))  # Ki is not defined for the reversible model
+    organs = pd.read_csv(work / "results/fit/organ/sub-04.tsv", sep="\t")
+    assert list(organs.columns) == ["organ", "method", *map_names(model)]
+    for method in ("fast", "curve_fit"):
+        for name in map_names(model):
+            assert (work / f"results/fit/{method}/sub-04/sub-04_desc-{name}_kinpar.nii.gz").exists()
+    # Figures and tables name the model's parameters; the truth is compared where it can be.
+    values = pd.read_csv(work / "results/tables/organ_values.csv")
+    assert set(values.parameter) == set(names)
+    assert not values[(values.method == "reference") & values.parameter.isin(["k4", "VT"])].size
+    note = (
+        "Model reversible_2tc: compared with the truth (the phantom's irreversible two-tissue "
+        "model) on K1, k2, k3, Vb; k4, VT, VS have no reference value; Ki is not defined for "
+        "reversible_2tc."
+    )
+    organ_md = (work / "results/tables/organ_values.md").read_text()
+    assert "| liver | k4 |" in organ_md and note in organ_md
+    recovery = pd.read_csv(work / "results/tables/truth_recovery.csv")
+    assert list(dict.fromkeys(recovery.parameter)) == ["K1", "k2", "k3", "Vb"]
+    assert note in (work / "results/tables/truth_recovery.md").read_text()
+    assert note in (work / "results/tables/smoothness.md").read_text()
+    table1 = pd.read_csv(work / "results/tables/table1.csv", dtype={"ablation": str})
+    assert list(table1.model) == ["reversible_2tc"]
+    listed = "reversible_2tc, the reversible two-tissue model with Vb (K1, k2, k3, k4, Vb)"
+    assert listed in (work / "results/tables/table1.md").read_text()
+    assert "Kinetic model: reversible_2tc" in (work / "results/tables/runtime.md").read_text()
+    for name in ("figure2", "figure3", "figure4", "truth_recovery", "smoothness"):
+        png = work / f"results/figures/{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
 def test_tiny_phantom_through_the_pipeline(tiny_run):
     """The phantom's subjects, its dataset files and its figure."""
     bids = tiny_run / "results/bids"

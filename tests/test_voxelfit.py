@@ -114,6 +114,22 @@ def test_chunks_gather_to_the_whole_volume_fit():
     assert np.isnan(whole[~mask]).all()
 
 
+def test_a_chunk_of_another_model_has_its_maps():
+    # reversible_2tc: K1, k2, k3, k4, Vb, VT, VS and SSE, as its own fitter gives them.
+    from kinpet.modelfit import fit_reversible
+
+    pet, mask = small_volume(shape=(3, 2, 2))
+    covered = covered_slices(2, "all")
+    maps, n = fit_chunk(pet, mask, 0, 2, covered, INPUT, FRAMES, "fast", model="reversible_2tc")
+    assert maps.shape == (3, 2, 2, 8) and n == mask.sum()
+    direct = fit_reversible(pet[mask], INPUT, FRAMES, "fast")
+    np.testing.assert_allclose(maps[mask][:, :5], direct.params, rtol=1e-5)
+    k1, k2, k3, k4 = direct.params[:, :4].T
+    np.testing.assert_allclose(maps[mask][:, 5], k1 / k2 * (1 + k3 / k4), rtol=1e-5)
+    np.testing.assert_allclose(maps[mask][:, 7], direct.sse, rtol=1e-5)
+    assert np.isnan(maps[~mask]).all()
+
+
 def test_more_chunks_than_slices_gather_with_empty_chunks(tmp_path):
     """fit.chunks above the slice count: the empty chunks read nothing (nibabel raised
     OSError 22 on an empty slice range), are written and gathered like the others."""
@@ -308,7 +324,9 @@ def test_fit_chunk_job_reads_only_its_slab(tmp_path, monkeypatch):
         log=[str(tmp_path / "chunk-1.log")],
         threads=torch.get_num_threads(),
         wildcards=SimpleNamespace(method="fast", chunk="1"),
-        params=SimpleNamespace(chunks=3, slices="all", weights="none", sampling="average"),
+        params=SimpleNamespace(
+            model="irreversible_2tc", chunks=3, slices="all", weights="none", sampling="average"
+        ),
     )
     runpy.run_path(str(FIT_CHUNK_SCRIPT), init_globals={"snakemake": sm})
     sys.stderr.close()

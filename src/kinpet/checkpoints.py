@@ -32,6 +32,8 @@ STATE_FILES = ("best.pt", "last.pt", "log.csv", "monitor.csv")
 LOCK_NAME = "train.lock"
 # Settings that do not change what is trained (how many CPU threads run it).
 RESUME_IGNORES = ("threads",)
+# Settings added after states were first saved, with the value those states trained with.
+ADDED_SETTINGS = {"model": "irreversible_2tc"}
 
 
 @contextmanager
@@ -88,7 +90,8 @@ def data_fingerprint(*sets: SliceSet) -> str:
 
 def stale_reason(state: dict, settings: TrainSettings, fingerprint: str) -> str | None:
     """Why a saved state cannot be resumed under these settings and data (None: it can)."""
-    saved = {k: v for k, v in state.get("settings", {}).items() if k not in RESUME_IGNORES}
+    saved = {**ADDED_SETTINGS, **state.get("settings", {})}
+    saved = {k: v for k, v in saved.items() if k not in RESUME_IGNORES}
     now = {k: v for k, v in asdict(settings).items() if k not in RESUME_IGNORES}
     changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
     if changed:

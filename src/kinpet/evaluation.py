@@ -7,8 +7,8 @@ Conventions: volumes are NIfTI-ordered ``[x, y, z]`` arrays on one grid, ``z`` t
 (body) axis; parameter maps are NaN where a method gave no value (outside the body, or
 outside the slices a fit covered); label maps are integers named by a label table
 (name -> index, as :func:`kinpet.io.read_label_table` returns it).
-Units: K1 in ml/cm3/min, k2 and k3 in 1/min, Vb dimensionless, Ki in ml/cm3/min; times
-in seconds.
+Units: K1 in ml/cm3/min, k2, k3 and k4 in 1/min, Vb dimensionless, Ki in ml/cm3/min, VT
+and VS in ml/cm3 (:data:`UNITS`, from :mod:`kinpet.models`); times in seconds.
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import binary_erosion
 
+from kinpet.models import MODELS
+
+# The maps of the irreversible two-tissue model (the paper's and the phantom's truth).
 PARAMETERS = ("K1", "k2", "k3", "Vb", "Ki")
-UNITS = {"K1": "ml/cm3/min", "k2": "1/min", "k3": "1/min", "Vb": "1", "Ki": "ml/cm3/min"}
+# Unit of every parameter and macro-parameter of every model.
+UNITS = {name: unit for model in MODELS.values() for name, unit in model.units.items()}
 
 
 class EvaluationError(ValueError):
@@ -114,21 +118,24 @@ def with_ki(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def reference_long(table: pd.DataFrame) -> pd.DataFrame:
+def reference_long(table: pd.DataFrame, parameters: Sequence[str] = PARAMETERS) -> pd.DataFrame:
     """A wide table of reference organ values as long rows.
 
     Parameters
     ----------
     table : DataFrame
-        Columns ``organ`` and any of :data:`PARAMETERS`, each optionally with a spread
-        column ``<parameter>_sd`` (e.g. a published mean +/- sd).
+        Columns ``organ`` and any of ``parameters``, each optionally with a spread column
+        ``<parameter>_sd`` (e.g. a published mean +/- sd).
+    parameters : sequence of str
+        The maps to keep (default :data:`PARAMETERS`; a kinetic model's
+        :func:`kinpet.models.parameter_map_names`); the table's other columns are left out.
 
     Returns
     -------
     DataFrame
         ``organ, parameter, value, sd`` (sd NaN where none is given).
     """
-    names = [p for p in PARAMETERS if p in table.columns]
+    names = [p for p in parameters if p in table.columns]
     long = table.melt(id_vars=["organ"], value_vars=names, var_name="parameter")
     sd = pd.Series(np.nan, index=long.index)
     for name in names:
@@ -137,6 +144,34 @@ def reference_long(table: pd.DataFrame) -> pd.DataFrame:
             rows = long["parameter"] == name
             sd[rows] = long.loc[rows, "organ"].map(spread).to_numpy(dtype=float)
     return long.assign(sd=sd.to_numpy())
+
+
+def comparison_note(model: str, names: Sequence[str], reference: Sequence[str], label: str) -> str:
+    """One line saying on which maps a model's estimates meet a reference, and which maps of
+    either side have no counterpart; "" when both have the same maps.
+
+    Parameters
+    ----------
+    model : str
+        The kinetic model's name.
+    names : sequence of str
+        Its maps (parameters, macro-parameters).
+    reference : sequence of str
+        The reference's maps (the phantom's truth: the irreversible model's).
+    label : str
+        What the reference is, e.g. "truth (the phantom's irreversible two-tissue model)".
+    """
+    shared = [n for n in names if n in reference]
+    own = [n for n in names if n not in reference]
+    other = [n for n in reference if n not in names]
+    if not own and not other:
+        return ""
+    text = f"Model {model}: compared with the {label} on {', '.join(shared) or 'no map'}"
+    if own:
+        text += f"; {', '.join(own)} {'has' if len(own) == 1 else 'have'} no reference value"
+    if other:
+        text += f"; {', '.join(other)} {'is' if len(other) == 1 else 'are'} not defined for {model}"
+    return text + "."
 
 
 def summarise_over_subjects(long: pd.DataFrame) -> pd.DataFrame:

@@ -59,10 +59,25 @@ class Model:
     macro: dict[str, Callable] = field(default_factory=dict)
     irreversible_form: bool = True
 
+    @property
+    def fit_methods(self) -> tuple[str, ...]:
+        """The methods :func:`kinpet.modelfit.fit_model` fits this model with (the published
+        organ fit ``curve_fit_paper`` only for the irreversible form)."""
+        if self.irreversible_form:
+            return ("fast", "curve_fit", "curve_fit_paper")
+        return ("fast", "curve_fit")
+
     def curves(self, params, kinetic_model):
-        """Frame values [..., T] of parameters [..., n] (numpy) for a
-        :class:`kinpet.kinetics.KineticModel` (input, frames, sampling)."""
-        params = np.asarray(params, dtype=np.float64)
+        """Frame values [..., T] of parameters [..., n] for a
+        :class:`kinpet.kinetics.KineticModel` (input, frames, sampling).
+
+        numpy in (any float or a list), float64 numpy out; a torch tensor in, a tensor out
+        on its device and dtype, differentiable (the network's loss).
+        """
+        import torch
+
+        if not torch.is_tensor(params):
+            params = np.asarray(params, dtype=np.float64)
         if params.shape[-1] != len(self.parameters):
             raise ValueError(
                 f"{self.name} has {len(self.parameters)} parameters {self.parameters}; got "
@@ -75,7 +90,20 @@ class Model:
         return _reversible_curves(params, kinetic_model)
 
     def to_irreversible(self, params) -> np.ndarray:
-        """Its parameters [..., n] as (K1, k2, k3, Vb) [..., 4] of the two-tissue model."""
+        """Its parameters [..., n] as (K1, k2, k3, Vb) [..., 4] of the two-tissue model
+        (a torch tensor stays one; that model's own parameters are returned as they are)."""
+        import torch
+
+        if torch.is_tensor(params):
+            if self.parameters == IRREVERSIBLE_NAMES:
+                return params
+            columns = [
+                torch.full_like(params[..., 0], self.held[name])
+                if name in self.held
+                else params[..., self.parameters.index(name)]
+                for name in IRREVERSIBLE_NAMES
+            ]
+            return torch.stack(columns, dim=-1)
         params = np.asarray(params, dtype=np.float64)
         if params.shape[-1] != len(self.parameters):
             raise ValueError(
@@ -176,9 +204,22 @@ def result_columns(model: Model, result) -> dict:
     return out
 
 
+def parameter_map_names(model: Model) -> tuple[str, ...]:
+    """The maps of ``model``'s parameters and macro-parameters, in that order (the
+    network's maps; the phantom's truth is ``irreversible_2tc``'s)."""
+    return (*model.parameters, *model.macro)
+
+
 def map_names(model: Model) -> tuple[str, ...]:
     """The maps of a voxel-wise fit of ``model``: its parameters, macro-parameters, SSE."""
-    return (*model.parameters, *model.macro, "SSE")
+    return (*parameter_map_names(model), "SSE")
+
+
+def macro_maps(model: Model, params) -> dict:
+    """Each macro-parameter of ``model`` from its parameters [..., n] (numpy): name ->
+    array [...]; NaN where undefined (a rate of 0 in a denominator)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {name: f(params) for name, f in model.macro.items()}
 
 
 def bids_label(model: Model) -> str:

@@ -1,8 +1,10 @@
 """The spatio-temporal UNet of De Benetti et al. (2023, Sec. 2.2) with its ablation switches.
 
 Input: a batch of slices with their frames as depth, shape [B, 1, T, H, W] (T = 64: the
-62 frames padded by one frame on each side). Output: four parameter maps [B, 4, H, W]
-(K1, k2, k3, Vb) after the final activation.
+62 frames padded by one frame on each side). Output: one map per parameter of the kinetic
+model after the final activation, [B, n, H, W]: four (K1, k2, k3, Vb) for the paper's
+irreversible model, five (K1, k2, k3, k4, Vb) for the reversible one (its bounds from
+:mod:`kinpet.models`).
 
 Architecture (docs/network.md): depth 4, 8 root feature maps doubling per level, ELU,
 no batch normalisation. Each block applies two convolution units; a unit is either one
@@ -11,7 +13,7 @@ by a temporal [3, 1, 1] one (the (2+1)-D factorisation of Kuestner et al.). Shor
 concatenate a block's input with its output; long skips carry that concatenation to the
 decoder. Pooling is max-pooling [2, 2, 2] (``3d``) or [1, 2, 2] (``space``); the decoder's
 transposed convolutions undo exactly what the pooling did. The head is a [3, 3, 3]
-convolution to 4 channels and a [T, 1, 1] convolution that collapses time.
+convolution to n channels and a [T, 1, 1] convolution that collapses time.
 
 Differences from the published code, on purpose (each has a switch that restores the
 published layout, set by the ``paper`` training recipe): its (2+1)-D blocks apply the *same*
@@ -41,6 +43,11 @@ SINGLE_CLAMP = (0.01, 3.0)
 PADDED_FRAMES = 64
 # Initial bias of the head's last layer (K1, k2, k3, Vb): typical FDG tissue values.
 INITIAL_PARAMETERS = (0.3, 0.5, 0.05, 0.1)
+# The same by name, for any model of kinpet.models (k4: FDG's is 0-0.05 1/min in most tissue).
+INITIAL_VALUES = {
+    **dict(zip(("K1", "k2", "k3", "Vb"), INITIAL_PARAMETERS, strict=True)),
+    "k4": 0.01,
+}
 
 
 class _StraightThroughClamp(torch.autograd.Function):
@@ -169,16 +176,22 @@ class KineticUNet(nn.Module):
         Feature maps of the first level (8 in the paper), doubling per level.
     n_frames : int
         Frames of the (padded) input, collapsed by the head (64 in the paper).
-    lower, upper : sequence of 4 floats
-        Bounds of K1, k2, k3, Vb for ``multi_clamp`` (the paper's by default).
+    lower, upper : sequence of n floats
+        Bounds of the n parameters (the output channels) for ``multi_clamp`` and
+        ``sigmoid``: the paper's of K1, k2, k3, Vb by default; another model's from
+        :mod:`kinpet.models` (:func:`kinpet.training.build_model`).
+    initial : sequence of n floats
+        ``head_init="kinpet"``: the parameters the head's bias starts at (default
+        :data:`INITIAL_PARAMETERS`, of K1, k2, k3, Vb).
     straight_through : bool
         Pass gradients through the clamps unchanged (the forward values are the clamped
         ones either way). A plain clamp has zero gradient outside its bounds; in our demo
         training the multi-clamp network then sank to its K1, k2, k3 floors and stayed
         there. False reproduces the published code's plain clamp.
     head_init : {"kinpet", "pytorch"}
-        "kinpet": the bias of the head's last layer starts at :data:`INITIAL_PARAMETERS`
-        (K1 0.3 ml/cm^3/min, k2 0.5 1/min, k3 0.05 1/min, Vb 0.1; through
+        "kinpet": the bias of the head's last layer starts at ``initial`` (by default
+        :data:`INITIAL_PARAMETERS`: K1 0.3 ml/cm^3/min, k2 0.5 1/min, k3 0.05 1/min, Vb 0.1;
+        through
         :func:`bounded_logit` for ``sigmoid``), so that a clamped network does not start
         below its floors. "pytorch": PyTorch's default initialisation of every layer, as
         published.
@@ -209,8 +222,18 @@ class KineticUNet(nn.Module):
         head_init: str = "kinpet",
         shared_temporal: bool = False,
         decimate_time: bool = False,
+        initial=INITIAL_PARAMETERS,
     ):
         super().__init__()
+        n_out = len(lower)
+        if len(upper) != n_out or len(initial) != n_out:
+            raise ValueError(
+                f"lower, upper and initial must have one value per output, got {len(lower)}, "
+                f"{len(upper)} and {len(initial)}"
+            )
+        if activation == "log_beta" and n_out != 4:
+            raise ValueError("activation 'log_beta' is for the four outputs K1, k2, k3, Vb only")
+        self.n_outputs = n_out
         self.straight_through = straight_through
         for name, value, allowed in (
             ("convolution", convolution, CONVOLUTIONS),
@@ -252,21 +275,22 @@ class KineticUNet(nn.Module):
             )
             channels = out
         self.head = nn.Sequential(
-            nn.Conv3d(channels, 4, 3, padding=1),
-            nn.Conv3d(4, 4, (n_frames, 1, 1)),
+            nn.Conv3d(channels, n_out, 3, padding=1),
+            nn.Conv3d(n_out, n_out, (n_frames, 1, 1)),
         )
-        self.register_buffer("lower", torch.tensor(lower, dtype=torch.float32).view(1, 4, 1, 1))
-        self.register_buffer("upper", torch.tensor(upper, dtype=torch.float32).view(1, 4, 1, 1))
+        bound = {"dtype": torch.float32}
+        self.register_buffer("lower", torch.tensor(lower, **bound).view(1, n_out, 1, 1))
+        self.register_buffer("upper", torch.tensor(upper, **bound).view(1, n_out, 1, 1))
         if head_init == "kinpet":
             # Start the outputs at typical FDG values instead of near 0: below the K1, k2,
             # k3 floors a clamp passes no gradient, and a multi-clamp network started there
             # stayed at its floors in our demo training.
-            start = torch.tensor(INITIAL_PARAMETERS)
+            start = torch.tensor(initial)
             if activation == "sigmoid":
-                start = bounded_logit(start, self.lower.view(4), self.upper.view(4))
+                start = bounded_logit(start, self.lower.view(n_out), self.upper.view(n_out))
             if activation == "log_beta":
                 start = torch.zeros(4)
-                start[1] = math.log(INITIAL_PARAMETERS[1] + INITIAL_PARAMETERS[2])
+                start[1] = math.log(initial[1] + initial[2])
             with torch.no_grad():
                 self.head[1].bias.copy_(start)
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -275,7 +299,7 @@ class KineticUNet(nn.Module):
                 module.to(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map [B, 1, T, H, W] to parameters [B, 4, H, W] (K1, k2, k3, Vb)."""
+        """Map [B, 1, T, H, W] to parameters [B, n, H, W] (K1, k2, k3, Vb by default)."""
         if x.ndim != 5 or x.shape[1] != 1 or x.shape[2] != self.n_frames:
             raise ValueError(f"expected input [B, 1, {self.n_frames}, H, W], got {tuple(x.shape)}")
         if x.shape[-1] % self.spatial_multiple or x.shape[-2] % self.spatial_multiple:
@@ -394,7 +418,7 @@ def pad_frames(
 
 
 def slices_to_parameters(model: KineticUNet, tacs: torch.Tensor, time_padding="replicate"):
-    """Run the network on slices [B, T, H, W] of any size; parameters [B, 4, H, W].
+    """Run the network on slices [B, T, H, W] of any size; parameters [B, n, H, W].
 
     Time is padded to the network's frames; space is zero-padded to a multiple of
     2**depth and cropped back (zero pixels fall outside the activity mask).

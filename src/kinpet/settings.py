@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kinpet.metrics import MASK_AUC_TIMES
+from kinpet.models import get_model
 from kinpet.network import HEAD_INITS
 
 SCALINGS = ("none", "input")
@@ -165,6 +166,12 @@ class TrainSettings:
         In (0, 1): they use an exponential moving average of the weights over the
         optimiser steps (:mod:`kinpet.averaging`), which spans about ``1 / (1 -
         ema_decay)`` steps; the optimiser still steps the trained weights.
+    model : str
+        The kinetic model of :data:`kinpet.models.MODELS` (the paper's
+        ``irreversible_2tc``): the network predicts its parameters within its bounds and
+        the loss evaluates its closed form. ``projection``, ``loss="newton"`` and
+        ``activation="log_beta"`` work on beta = k2 + k3 of the irreversible model only.
+        Saved with the checkpoint, so prediction and refinement use the same model.
     """
 
     convolution: str = "space_time"
@@ -199,10 +206,12 @@ class TrainSettings:
     loss: str | None = None
     blend_equal_share: float = 0.5
     ema_decay: float = 0.0
+    model: str = "irreversible_2tc"
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {tuple(RECIPES)}, not {self.recipe!r}")
+        get_model(self.model)  # a ValueError naming the known models
         for name, value in RECIPES[self.recipe].items():
             if getattr(self, name) is None:
                 # A copy: the recipe's lists must not be shared with (and changed by) a run.
@@ -227,6 +236,17 @@ class TrainSettings:
             raise ValueError("activation 'log_beta' needs projection: true (it gives beta only)")
         if self.loss == "newton" and not self.projection:
             raise ValueError(f"loss {self.loss!r} needs projection: true (it steps beta = k2 + k3)")
+        if self.model != "irreversible_2tc":
+            for what, used in (
+                ("projection: true", self.projection),
+                ("loss 'newton'", self.loss == "newton"),
+                ("activation 'log_beta'", self.activation == "log_beta"),
+            ):
+                if used:
+                    raise ValueError(
+                        f"{what} is for model 'irreversible_2tc' only (it works on beta = "
+                        f"k2 + k3), not {self.model!r}"
+                    )
 
 
 def settings_from_config(given: dict, underneath: dict | None = None, **overrides):

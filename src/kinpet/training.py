@@ -23,8 +23,8 @@ import torch
 from kinpet.atomic import remove_stale_temporaries
 from kinpet.averaging import average_decay, averaged_copy, update_average
 
-# The "X as X" imports from kinpet.checkpoints, kinpet.settings and kinpet.slicedata are
-# re-exports: the training API stays one import (kinpet.training).
+# The "X as X" imports from kinpet.checkpoints, kinpet.schedules, kinpet.settings and
+# kinpet.slicedata are re-exports: the training API stays one import (kinpet.training).
 from kinpet.checkpoints import STATE_FILES as STATE_FILES
 from kinpet.checkpoints import TrainingBusyError as TrainingBusyError
 from kinpet.checkpoints import append_row as append_row
@@ -39,8 +39,11 @@ from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, KineticModel
 from kinpet.metrics import activity_mask, tac_metrics
-from kinpet.network import KineticUNet, slices_to_parameters
+from kinpet.models import Model, get_model
+from kinpet.network import INITIAL_VALUES, KineticUNet, slices_to_parameters
 from kinpet.projection import newton_log_beta, project_maps
+from kinpet.schedules import learning_rate_schedule as learning_rate_schedule
+from kinpet.schedules import stop_early as stop_early
 from kinpet.settings import LOSS_WEIGHTS as LOSS_WEIGHTS
 from kinpet.settings import RECIPES as RECIPES
 from kinpet.settings import SCALINGS as SCALINGS
@@ -69,16 +72,21 @@ def subject_rows(subject: torch.Tensor, device):
         yield s, (subject == s).nonzero().flatten().to(device)
 
 
-def model_tacs(params: torch.Tensor, subject: torch.Tensor, models) -> torch.Tensor:
-    """Kinetic-model TACs [B, T, H, W] of predicted parameter maps [B, 4, H, W]."""
-    per_pixel = params.permute(0, 2, 3, 1).float()  # [B, H, W, 4]
+def model_tacs(
+    params: torch.Tensor, subject: torch.Tensor, models, kinetic: Model | None = None
+) -> torch.Tensor:
+    """Kinetic-model TACs [B, T, H, W] of predicted parameter maps [B, n, H, W] of the
+    registry model ``kinetic`` (default ``irreversible_2tc``: K1, k2, k3, Vb), evaluated on
+    each slice's subject's :class:`kinpet.kinetics.KineticModel` of ``models``."""
+    kinetic = kinetic or get_model("irreversible_2tc")
+    per_pixel = params.permute(0, 2, 3, 1).float()  # [B, H, W, n]
     out = torch.empty(
         (params.shape[0], models[0].n_frames, *params.shape[2:]),
         dtype=per_pixel.dtype,
         device=params.device,
     )
     for s, rows in subject_rows(subject, params.device):
-        out[rows] = models[s](per_pixel[rows]).permute(0, 3, 1, 2)
+        out[rows] = kinetic.curves(per_pixel[rows], models[s]).permute(0, 3, 1, 2)
     return out
 
 
@@ -122,57 +130,22 @@ def random_flips(tacs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return tacs.flip(dims) if dims else tacs
 
 
-def learning_rate_schedule(optimizer, settings: TrainSettings):
-    """The learning-rate schedule of :class:`TrainSettings` (stepped once per epoch)."""
-    if settings.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(
-            optimizer, settings.halve_every, gamma=settings.gamma
-        )
-    if settings.schedule == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, settings.milestones, gamma=settings.gamma
-        )
-    warmup, total = settings.warmup_epochs, settings.epochs
-
-    def factor(epoch: int) -> float:
-        if epoch < warmup:
-            return (epoch + 1) / (warmup + 1)
-        span = max(total - warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(epoch - warmup, span) / span))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def build_model(settings: TrainSettings) -> KineticUNet:
-    """The network of these settings (ablation and network-layout switches)."""
+    """The network of these settings (ablation and network-layout switches): one output
+    per parameter of ``settings.model``, within its bounds (:mod:`kinpet.models`)."""
+    kinetic = get_model(settings.model)
     return KineticUNet(
         settings.convolution,
         settings.pooling,
         settings.activation,
+        lower=kinetic.lower,
+        upper=kinetic.upper,
+        initial=tuple(INITIAL_VALUES[name] for name in kinetic.parameters),
         straight_through=settings.straight_through,
         head_init=settings.head_init,
         shared_temporal=settings.shared_temporal,
         decimate_time=settings.decimate_time,
     )
-
-
-def stop_early(best_epoch: int, completed: int, settings: TrainSettings) -> bool:
-    """Whether training stops before epoch ``completed + 1``: the validation checks of
-    epochs ``best_epoch + 1 .. completed`` (1-based; ``best_epoch`` -1 before any) number
-    at least ``settings.early_stopping_patience`` (never when it is 0).
-
-    Counted from the epochs alone (no state of its own), so a resumed run stops where an
-    uninterrupted one would.
-    """
-    patience = settings.early_stopping_patience
-    if patience <= 0:
-        return False
-    checks = sum(
-        1
-        for e in range(max(best_epoch, 0) + 1, completed + 1)
-        if e % settings.validate_every == 0 or e == settings.epochs
-    )
-    return checks >= patience
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -191,7 +164,7 @@ def _forward(model, tacs, device, amp: bool, time_padding: str):
 
 
 def network_parameters(model, meas, rows, data: SliceSet, settings, weights, time_padding):
-    """Parameter maps [B, 4, H, W] of a batch: the network's, projected when
+    """Parameter maps [B, n, H, W] of a batch: the network's, projected when
     ``settings.projection`` (see :class:`TrainSettings`)."""
     params = _forward(model, meas, meas.device, settings.amp, time_padding)
     if settings.projection:
@@ -211,12 +184,13 @@ def evaluate(model, data: SliceSet, settings: TrainSettings, device=None, batch_
     model.eval()
     losses, cs, mae, weights = [], [], [], []
     frame_w = loss_weights(data.frames, settings, device)
+    kinetic = get_model(settings.model)
     with torch.inference_mode():
         for rows in torch.arange(len(data)).split(batch_size):
             meas = data.tacs[rows].to(device)
             params = network_parameters(model, meas, rows, data, settings, frame_w, "replicate")
             scale = data.slice_scales(rows).to(device).view(-1, 1, 1, 1)
-            pred = model_tacs(params, data.subject[rows], data.models) * scale
+            pred = model_tacs(params, data.subject[rows], data.models, kinetic) * scale
             meas = meas * scale
             mask = activity_mask(meas, data.frames, settings.mask_threshold, settings.mask_auc)
             losses.append(float(masked_mse(pred, meas, mask)))
@@ -273,13 +247,14 @@ def batch_mask(meas, rows, data: SliceSet, settings: TrainSettings) -> torch.Ten
 def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, weights):
     """The self-supervised loss of one batch ``meas`` ([B, T, H, W], on the model's device;
     the slices ``rows`` of ``data``, scaled as ``data``): masked, frame-weighted MSE
-    between the measured and the model TACs of the predicted parameters; with
+    between the measured and the model TACs (``settings.model``'s closed form, in torch)
+    of the predicted parameters; with
     ``settings.loss == "newton"``, :func:`newton_loss`."""
     if settings.loss == "newton":
         return newton_loss(model, meas, rows, data, settings, weights)
     # The paper pads time with zeros in training, replicated frames in validation.
     params = network_parameters(model, meas, rows, data, settings, weights, "zeros")
-    pred = model_tacs(params, data.subject[rows], data.models)
+    pred = model_tacs(params, data.subject[rows], data.models, get_model(settings.model))
     return masked_mse(pred, meas, batch_mask(meas, rows, data, settings), weights)
 
 
@@ -427,7 +402,8 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
         data=fingerprint,
     )
     print(
-        f"device {device}; {settings.convolution}/{settings.pooling}/{settings.activation}"
+        f"device {device}; {settings.model}; "
+        f"{settings.convolution}/{settings.pooling}/{settings.activation}"
         f"{' with projection' if settings.projection else ''}; "
         f"{len(train_set)} training and {len(val_set)} validation slices",
         file=stream,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Channels of a fitted chunk: the four parameters, Ki and the weighted SSE.
+# Channels of a fitted chunk of the irreversible two-tissue model: the four parameters, Ki
+# and the weighted SSE (another model's: kinpet.models.map_names).
 MAP_NAMES = ("K1", "k2", "k3", "Vb", "Ki", "SSE")
 # The organs the paper's Fig. 4 outlines on its axial slice.
 FIGURE4_ORGANS = ("liver", "spleen", "kidneys")
@@ -206,9 +207,19 @@ def covered_slices(n_slices: int, spec, figure_z: int | None = None) -> np.ndarr
 
 
 def fit_chunk(
-    pet, mask, z0, z1, covered, input_function, frames, method="fast", timing=None, **options
+    pet,
+    mask,
+    z0,
+    z1,
+    covered,
+    input_function,
+    frames,
+    method="fast",
+    timing=None,
+    model="irreversible_2tc",
+    **options,
 ):
-    """Fit every masked voxel of slices [z0, z1) that ``covered`` selects.
+    """Fit every masked voxel of slices [z0, z1) that ``covered`` selects with ``model``.
 
     Parameters
     ----------
@@ -222,28 +233,36 @@ def fit_chunk(
         Slices this method fits (:func:`covered_slices`).
     timing : dict, optional
         Given, ``timing["fit_s"]`` is set to the wall seconds of the fitter's own call
-        (:func:`kinpet.fitting.fit`; 0 when no voxel is fitted).
+        (:func:`kinpet.modelfit.fit_model`; 0 when no voxel is fitted).
+    model : str
+        A model of :data:`kinpet.models.MODELS`.
     options
-        Passed to :func:`kinpet.fitting.fit` (weights, sampling, n_jobs, ...).
+        Passed to :func:`kinpet.modelfit.fit_model` (weights, sampling, n_jobs, ...).
 
     Returns
     -------
-    maps : float32 array [X, Y, z1 - z0, 6]
-        K1, k2, k3, Vb, Ki and SSE; NaN where no voxel was fitted.
+    maps : float32 array [X, Y, z1 - z0, M]
+        The model's :func:`kinpet.models.map_names` (:data:`MAP_NAMES` for
+        ``irreversible_2tc``: K1, k2, k3, Vb, Ki and SSE); NaN where no voxel was fitted.
     n_fitted : int
     """
+    from kinpet.models import get_model, map_names, result_columns
+
+    spec = get_model(model)
+    names = map_names(spec)
     sub_mask = mask[:, :, z0:z1] & covered[None, None, z0:z1]
-    out = np.full((*mask.shape[:2], z1 - z0, len(MAP_NAMES)), np.nan, dtype=np.float32)
+    out = np.full((*mask.shape[:2], z1 - z0, len(names)), np.nan, dtype=np.float32)
     n = int(sub_mask.sum())
     seconds = 0.0
     if n:
-        from kinpet.fitting import fit
+        from kinpet.modelfit import fit_model
 
         tacs = np.asarray(pet[:, :, z0:z1, :])[sub_mask]
         start = time.perf_counter()
-        result = fit(tacs, input_function, frames, method=method, **options)
+        result = fit_model(tacs, model, input_function, frames, method=method, **options)
         seconds = time.perf_counter() - start
-        values = np.column_stack([result.params, result.ki, result.sse])
+        columns = result_columns(spec, result)
+        values = np.column_stack([columns[name] for name in names])
         values[~result.ok] = np.nan
         out[sub_mask] = values
     if timing is not None:

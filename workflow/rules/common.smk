@@ -43,6 +43,35 @@ os.environ.update(
 sys.path.insert(0, _SRC)
 
 
+# -- The kinetic model (model:) ----------------------------------------------------------
+# kinpet.models' registry as the rules need it, restated because the Snakefile must not
+# need the package (see bids_inputs); tests/test_config.py compares the two. Per model: its
+# parameters, its macro-parameters and the methods the organ and voxel fits run it with.
+KINETIC_MODELS = {
+    "irreversible_2tc": {
+        "parameters": ["K1", "k2", "k3", "Vb"],
+        "macro": ["Ki"],
+        "fit_methods": ["fast", "curve_fit", "curve_fit_paper"],
+    },
+    "reversible_2tc": {
+        "parameters": ["K1", "k2", "k3", "k4", "Vb"],
+        "macro": ["VT", "VS"],
+        "fit_methods": ["fast", "curve_fit"],
+    },
+    "one_tc": {
+        "parameters": ["K1", "k2", "Vb"],
+        "macro": ["VT"],
+        "fit_methods": ["fast", "curve_fit", "curve_fit_paper"],
+    },
+}
+MODEL = config["model"]
+MODEL_PARAMETERS = KINETIC_MODELS[MODEL]["parameters"]
+# The maps of the network and the figures: the model's parameters, then its macro-parameters;
+# the voxel-wise fits add their SSE.
+MAP_NAMES = MODEL_PARAMETERS + KINETIC_MODELS[MODEL]["macro"]
+FIT_MAP_NAMES = MAP_NAMES + ["SSE"]
+
+
 # -- Subjects and PET-BIDS inputs (preprocess.smk) ---------------------------------------
 def canonical(value):
     """A config value with every mapping's keys sorted, for a rule's params: Snakemake
@@ -154,10 +183,31 @@ else:
         k: _GIVEN_TRAINING[k] for k in _SETTING_KEYS if k in _GIVEN_TRAINING
     }
     TRAINING_UNDERNEATH = {}
-MAP_NAMES = ["K1", "k2", "k3", "Vb", "Ki"]
 # The recipe these settings train with, as kinpet.settings.settings_from_config reads it;
 # it also chooses the organ curve fit and Table 1's test domain when those are not given.
 RECIPE = TRAINING_SETTINGS.get("recipe", TRAINING_UNDERNEATH.get("recipe", "kinpet"))
+# Projection, the Newton loss, the log-beta head and the convergence monitor are made for the
+# irreversible model (beta = k2 + k3). Both recipes train without the first three
+# (kinpet.settings.RECIPES), so only a key given in a config file turns them on.
+if MODEL != "irreversible_2tc":
+    _ONLY_IRREVERSIBLE = {
+        "training.projection: true": TRAINING_SETTINGS.get("projection", False),
+        "training.loss: newton": TRAINING_SETTINGS.get("loss") == "newton",
+        "training.monitor: true": TRAINING.get("monitor", False),
+        **{
+            f"ablation {name} (activation: log_beta)": ablation["activation"]
+            == "log_beta"
+            for name, ablation in ABLATIONS.items()
+        },
+    }
+    _REFUSED = [key for key, used in _ONLY_IRREVERSIBLE.items() if used]
+    if _REFUSED:
+        raise ValueError(
+            f"config model ({MODEL}): {', '.join(_REFUSED)} "
+            f"{'needs' if len(_REFUSED) == 1 else 'need'} model: irreversible_2tc (built on "
+            "beta = k2 + k3); set projection: false, loss: curves, monitor: false or another "
+            "activation, or choose model: irreversible_2tc"
+        )
 
 
 wildcard_constraints:
@@ -202,7 +252,6 @@ FIT = {
     "sampling": "average",
     **config.get("fit", {}),
 }
-FIT_MAP_NAMES = ["K1", "k2", "k3", "Vb", "Ki", "SSE"]
 # Fig. 2's organ curve fit (KP_CF) beside the fast fitter: fit.organ_method, else the
 # published organ_curve_fit.py under the paper recipe.
 ORGAN_FIT_METHODS = [
@@ -210,6 +259,19 @@ ORGAN_FIT_METHODS = [
     or ("curve_fit_paper" if RECIPE == "paper" else "curve_fit"),
     "fast",
 ]
+_FIT_METHODS = KINETIC_MODELS[MODEL]["fit_methods"]
+if ORGAN_FIT_METHODS[0] not in _FIT_METHODS:
+    raise ValueError(
+        f"config fit.organ_method ({ORGAN_FIT_METHODS[0]}, or training.recipe: paper): not "
+        f"available for model {MODEL}, which is fitted with {', '.join(_FIT_METHODS)}; set "
+        "fit.organ_method: curve_fit"
+    )
+_UNFITTED = [m for m in FIT["methods"] if m not in _FIT_METHODS]
+if _UNFITTED:
+    raise ValueError(
+        f"config fit.methods ({', '.join(_UNFITTED)}): not available for model {MODEL}, "
+        f"which is fitted with {', '.join(_FIT_METHODS)}"
+    )
 if ORGAN_FIT_METHODS[0] == "curve_fit_paper" and FIT["weights"] != "none":
     raise ValueError(
         f"config fit.weights ({FIT['weights']}): the organ fit curve_fit_paper (fit.organ_method, "
@@ -221,7 +283,7 @@ if ORGAN_FIT_METHODS[0] == "curve_fit_paper" and FIT["weights"] != "none":
 def fit_outputs():
     """Organ tables and voxel-wise maps of every test subject, for every method."""
     return expand("results/fit/organ/{subject}.tsv", subject=SPLIT["test"]) + expand(
-        "results/fit/{method}/{subject}/{subject}_desc-Ki_kinpar.nii.gz",
+        f"results/fit/{{method}}/{{subject}}/{{subject}}_desc-{FIT_MAP_NAMES[0]}_kinpar.nii.gz",
         method=FIT["methods"],
         subject=SPLIT["test"],
     )
@@ -336,12 +398,12 @@ def test_files(pattern):
     return keyed(pattern, subject=SPLIT["test"])
 
 
-def network_maps(subjects, ablation=BEST):
+def network_maps(subjects, ablation=BEST, names=MAP_NAMES):
     """The maps of the best ablation (the figures' network), keyed by subject and name."""
     return keyed(
         f"results/prediction/{ablation}/{{subject}}/{{subject}}_desc-{{name}}_kinpar.nii.gz",
         subject=subjects,
-        name=MAP_NAMES,
+        name=names,
     )
 
 
@@ -350,12 +412,13 @@ def best_prediction_maps(subjects, ablation=BEST):
     return leaves(network_maps(subjects, ablation))
 
 
-def truth_maps():
-    """The true maps of the test subjects at 2.5 mm, keyed by subject and name."""
+def truth_maps(names=None):
+    """The true maps of the test subjects at 2.5 mm (``names``, default all of
+    TRUTH_NAMES), keyed by subject and name."""
     return keyed(
         "results/evaluation/truth/{subject}/{subject}_desc-{name}_truth.nii.gz",
         subject=SPLIT["test"],
-        name=TRUTH_NAMES,
+        name=TRUTH_NAMES if names is None else names,
     )
 
 
@@ -379,7 +442,7 @@ def figure2_reference(wildcards):
     (their organ means, on the same masks as the network's)."""
     if EVALUATION["reference_values"]:
         return [EVALUATION["reference_values"]]
-    return leaves(truth_maps()) if reference_is_truth() else []
+    return leaves(truth_maps(COMPARED_NAMES)) if reference_is_truth() else []
 
 
 def evaluation_outputs():

@@ -10,6 +10,9 @@ TABLE1_METRICS = keyed(
 )
 TEST_LABELS = "results/preprocessed/{subject}/labels_2p5mm.nii.gz"
 TEST_LABEL_TABLES = "results/preprocessed/{subject}/labels.tsv"
+# The phantom's truth is the irreversible model's (TRUTH_NAMES): another model is compared
+# with it on the maps both have (reversible_2tc: K1, k2, k3, Vb; Ki is not defined there).
+COMPARED_NAMES = [name for name in TRUTH_NAMES if name in MAP_NAMES]
 
 
 rule table1:
@@ -37,6 +40,7 @@ rule table1:
         underneath=TRAINING_UNDERNEATH,
         test_domain=TEST_DOMAIN,
         crop=PREPROCESS["crop"],
+        model=MODEL,
     script:
         "../scripts/table1.py"
 
@@ -72,10 +76,11 @@ rule figure2:
         labels=test_files(TEST_LABELS),
         labels_tsv=test_files(TEST_LABEL_TABLES),
         organ_fits=test_files("results/fit/organ/{subject}.tsv"),
-        truth=truth_maps() if reference_is_truth() else None,
+        truth=truth_maps(COMPARED_NAMES) if reference_is_truth() else None,
         organs=EVALUATION["organs"],
         ablation=BEST,
         reference_name=EVALUATION["reference_name"],
+        model=MODEL,
     script:
         "../scripts/figure2.py"
 
@@ -102,6 +107,7 @@ rule figure3:
         subject=FIGURE_SUBJECT,
         organs=EVALUATION["organs"],
         ablation=BEST,
+        parameters=MODEL_PARAMETERS,
     script:
         "../scripts/figure3.py"
 
@@ -170,6 +176,7 @@ rule runtime_table:
         fit_benchmarks=FIT_BENCHMARKS,
         fit_times=FIT_TIMES,
         labels=test_files(TEST_LABELS),
+        model=MODEL,
         threads=lambda wildcards: {
             "network": job_threads("predict"),
             **{method: job_threads("fit_chunk") for method in FIT["methods"]},
@@ -202,9 +209,9 @@ rule resample_truth:
 
 rule truth_recovery:
     input:
-        truth=leaves(truth_maps()),
-        network=best_prediction_maps(SPLIT["test"]),
-        fits=leaves(fit_maps()),
+        truth=leaves(truth_maps(COMPARED_NAMES)),
+        network=leaves(network_maps(SPLIT["test"], names=COMPARED_NAMES)),
+        fits=leaves(fit_maps(COMPARED_NAMES)),
         labels=leaves(test_files(TEST_LABELS)),
         labels_tsv=leaves(test_files(TEST_LABEL_TABLES)),
     output:
@@ -237,9 +244,10 @@ rule truth_recovery:
     conda:
         "../../envs/kinpet.yaml"
     params:
-        truth=truth_maps(),
-        network=network_maps(SPLIT["test"]),
-        fits=fit_maps(),
+        truth=truth_maps(COMPARED_NAMES),
+        network=network_maps(SPLIT["test"], names=COMPARED_NAMES),
+        fits=fit_maps(COMPARED_NAMES),
+        model=MODEL,
         labels=test_files(TEST_LABELS),
         labels_tsv=test_files(TEST_LABEL_TABLES),
         organs=EVALUATION["organs"],

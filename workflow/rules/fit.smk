@@ -22,6 +22,7 @@ rule organ_fit:
         "../../envs/kinpet.yaml"
     threads: 1
     params:
+        model=MODEL,
         methods=ORGAN_FIT_METHODS,
         weights=FIT["weights"],
         sampling=FIT["sampling"],
@@ -75,6 +76,7 @@ rule fit_chunk:
         mem_mb=4000,
         runtime=60,
     params:
+        model=MODEL,
         chunks=FIT["chunks"],
         # Only the reference method reads it, so a change leaves the fast fits alone.
         slices=lambda wildcards: (

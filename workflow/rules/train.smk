@@ -30,6 +30,7 @@ rule train:
         mem_mb=8000,
         runtime=720,
     params:
+        model=MODEL,
         ablation=lambda wildcards: canonical(ABLATIONS[wildcards.ablation]),
         settings=TRAINING_SETTINGS,
         underneath=TRAINING_UNDERNEATH,

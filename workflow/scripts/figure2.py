@@ -1,5 +1,8 @@
 """Fig. 2: organ means of the network's maps beside the organ curve fits and reference
-values, over the test subjects (and the table of the plotted numbers)."""
+values, over the test subjects (and the table of the plotted numbers): one panel per
+parameter of the configured kinetic model, the table with its macro-parameters too. The
+reference (the phantom's truth or a table of values) is compared on the maps it shares with
+the model; the table says which are not."""
 
 import sys
 
@@ -7,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kinpet.evaluation import (
-    PARAMETERS,
+    comparison_note,
     markdown_table,
     organ_indices,
     organ_means,
@@ -17,11 +20,14 @@ from kinpet.evaluation import (
 )
 from kinpet.figures import organ_parameter_figure, save_figure
 from kinpet.io import atomic_path, read_label_table, read_organ_values
+from kinpet.models import get_model, parameter_map_names
 from kinpet.readers import read_table, read_volume, script_log
 
 script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
 sm = snakemake  # noqa: F821
 organs = list(sm.params.organs)
+model = get_model(sm.params.model)
+MAPS = parameter_map_names(model)  # the table's rows: parameters, macro-parameters
 
 
 def subject_organ_means(subject, paths):
@@ -29,7 +35,7 @@ def subject_organ_means(subject, paths):
     tsv = sm.params.labels_tsv[subject]
     index = organ_indices(read_label_table(tsv), organs, source=tsv)
     labels = read_volume(sm.params.labels[subject], ndim=3)
-    volumes = {n: read_volume(paths[n], np.float32, ndim=3) for n in PARAMETERS}
+    volumes = {n: read_volume(path, np.float32, ndim=3) for n, path in paths.items()}
     return organ_means(volumes, labels, index)
 
 
@@ -40,21 +46,35 @@ for subject, labels_path in sm.params.labels.items():
     for _, row in means[means["voxels"] == 0].iterrows():
         print(f"{subject}: no voxels of {row.organ} in {labels_path}", file=sys.stderr)
     rows.append(means.assign(subject=subject, method="network"))
-    fits = read_table(fits_path, ["organ", "method", *PARAMETERS])
+    fits = read_table(fits_path, ["organ", "method", *MAPS])
     fits = fits[fits["organ"].isin(organs)]
-    long = fits.melt(id_vars=["organ", "method"], value_vars=list(PARAMETERS), var_name="parameter")
+    long = fits.melt(id_vars=["organ", "method"], value_vars=list(MAPS), var_name="parameter")
     rows.append(long.assign(subject=subject))
 
 given_sd = None
+note = ""
 if sm.params.truth is not None:
-    # The phantom's true maps (resampled to 2.5 mm), averaged over the same organ masks.
+    # The phantom's true maps (resampled to 2.5 mm), averaged over the same organ masks:
+    # those the model has (the rule asks for no other).
     for subject, paths in sm.params.truth.items():
         means = subject_organ_means(subject, paths)
         rows.append(means.assign(subject=subject, method="reference"))
+    note = comparison_note(
+        model.name,
+        MAPS,
+        parameter_map_names(get_model("irreversible_2tc")),
+        "truth (the phantom's irreversible two-tissue model)",
+    )
 elif sm.input.reference:
     path = sm.input.reference[0]
     table = with_ki(read_organ_values(path))
-    long = reference_long(table)
+    note = comparison_note(
+        model.name,
+        MAPS,
+        [c for c in table.columns if c != "organ" and not c.endswith("_sd")],
+        f"reference values ({path})",
+    )
+    long = reference_long(table, MAPS)
     if long["sd"].notna().any():
         given_sd = long.assign(method="reference")[["method", "organ", "parameter", "sd"]]
     rows.append(long.assign(subject="reference", method="reference"))
@@ -72,7 +92,7 @@ methods = [
 summary = summarise_over_subjects(per_subject)
 rank = {
     "organ": {o: i for i, o in enumerate(organs)},
-    "parameter": {p: i for i, p in enumerate(PARAMETERS)},
+    "parameter": {p: i for i, p in enumerate(MAPS)},
     "method": {m: i for i, m in enumerate(methods)},
 }
 summary = summary.sort_values(
@@ -97,16 +117,20 @@ cell = summary.assign(
 )
 wide = cell.pivot(index=["organ", "parameter"], columns="method", values="text")
 wide = wide.reindex(
-    pd.MultiIndex.from_product([organs, PARAMETERS], names=["organ", "parameter"])
+    pd.MultiIndex.from_product([organs, MAPS], names=["organ", "parameter"])
 ).reset_index()
 wide = wide.dropna(how="all", subset=methods).fillna("n/a")
 text = markdown_table(
     wide, {"organ": "organ", "parameter": "parameter", **{m: labels[m] for m in methods}}
 )
+if note:
+    text += f"\n{note}\n"
 with atomic_path(sm.output.md) as tmp:
     tmp.write_text(text)
 print(text, file=sys.stderr)
 
-fig = organ_parameter_figure(per_subject, organs, methods, given_sd=given_sd, labels=labels)
+fig = organ_parameter_figure(
+    per_subject, organs, methods, model.parameters, given_sd=given_sd, labels=labels
+)
 save_figure(fig, sm.output.png)
 save_figure(fig, sm.output.pdf)

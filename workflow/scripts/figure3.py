@@ -1,5 +1,6 @@
 """Fig. 3: cosine similarity per axial slice of one test subject along the body axis, with
-the organs' extents shaded, beside a coronal plane of each parameter map."""
+the organs' extents shaded, beside a coronal plane of each parameter map of the kinetic
+model."""
 
 import sys
 
@@ -22,7 +23,7 @@ y = coronal_plane(labels, index)
 coronal = {}
 for path in sm.input.maps:
     name = path.rsplit("_desc-", 1)[1].split("_", 1)[0]
-    if name != "Ki":  # the paper's four parameters
+    if name in sm.params.parameters:  # the model's parameters (the paper's four), no Ki
         coronal[name] = read_volume(path, np.float32, slab=np.s_[:, y, :], ndim=3)
 extents = z_extents(labels, index)
 print(f"coronal plane y = {y}; organ extents (slices):\n{extents}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Fit the voxels of one chunk of axial slices of one subject with one method.
+"""Fit the voxels of one chunk of axial slices of one subject with one method and the
+configured kinetic model (``model:``).
 
 The image is read from the subject's slab file (rule fit_slabs): only the chunk's slices.
 """
@@ -12,9 +13,9 @@ import torch
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import KinpetInputError, atomic_path, read_label_table, write_slices
+from kinpet.models import get_model, map_names
 from kinpet.readers import read_volume, script_log
 from kinpet.voxelfit import (
-    MAP_NAMES,
     chunk_bounds,
     covered_slices,
     figure_slice,
@@ -43,15 +44,16 @@ options = {"weights": sm.params.weights, "sampling": sm.params.sampling}
 if method == "curve_fit":
     options["n_jobs"] = sm.threads
 timing = {}
+model = sm.params.model
 maps, n = fit_chunk(
-    pet, mask, 0, z1 - z0, covered[z0:z1], inp, frames, method, timing=timing, **options
+    pet, mask, 0, z1 - z0, covered[z0:z1], inp, frames, method, timing, model, **options
 )
-write_slices(
-    sm.output.maps, maps=maps, z=np.array([z0, z1]), voxels=np.array(n), names=np.array(MAP_NAMES)
-)
+names = np.array(map_names(get_model(model)))
+write_slices(sm.output.maps, maps=maps, z=np.array([z0, z1]), voxels=np.array(n), names=names)
 with atomic_path(sm.output.fit_time) as tmp:  # the fitter's own wall time (runtime table)
     pd.DataFrame({"voxels": [n], "fit_s": [timing["fit_s"]]}).to_csv(tmp, sep="\t", index=False)
 print(
-    f"{method} chunk {chunk}: slices {z0}-{z1}, {n} voxels fitted in {timing['fit_s']:.3f} s",
+    f"{model}, {method} chunk {chunk}: slices {z0}-{z1}, {n} voxels fitted in "
+    f"{timing['fit_s']:.3f} s",
     file=sys.stderr,
 )

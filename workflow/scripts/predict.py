@@ -1,4 +1,6 @@
-"""Whole-body parametric images of one subject from a trained network, and per-slice metrics."""
+"""Whole-body parametric images of one subject from a trained network (one map per
+parameter and macro-parameter of the kinetic model it was trained with), and per-slice
+metrics."""
 
 import sys
 import time
@@ -10,9 +12,10 @@ import torch
 
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
-from kinpet.io import atomic_path
+from kinpet.io import KinpetInputError, atomic_path
 from kinpet.kinetics import KineticModel
 from kinpet.metrics import domain_mask, tac_metrics
+from kinpet.models import get_model, parameter_map_names
 from kinpet.prediction import predict_volume, volume_slices
 from kinpet.readers import read_nifti_header, read_npz, read_volume, script_log
 from kinpet.refinement import refine
@@ -23,7 +26,16 @@ sm = snakemake  # noqa: F821
 torch.set_num_threads(sm.threads)
 model, settings = load_model(sm.input.checkpoint)
 device = next(model.parameters()).device
-print(f"device: {device}", file=sys.stderr)
+print(f"device: {device}; model {settings.model}", file=sys.stderr)
+# The checkpoint's model names the maps: a rule that asks for another model's is refused.
+spec = get_model(settings.model)
+names = list(parameter_map_names(spec))
+wanted = [path.rsplit("_desc-", 1)[1].split("_", 1)[0] for path in sm.output.maps]
+if sorted(wanted) != sorted(names):
+    raise KinpetInputError(
+        f"{sm.input.checkpoint}: trained with model {spec.name} (maps {names}), but the rule "
+        f"wants maps {wanted}: retrain with the configured model"
+    )
 pet_affine = read_nifti_header(sm.input.pet).affine
 pet = read_volume(sm.input.pet, np.float32, ndim=4)
 labels = read_volume(sm.input.labels, ndim=3)
@@ -53,7 +65,9 @@ if sm.params.refine_steps:
     )
     print(f"refinement: {time.perf_counter() - started:.1f} s", file=sys.stderr)
 projection = subject_projection(input_function, frames, settings)
-maps = predict_volume(model, pet, stream=sys.stderr, scale=scale, projection=projection)
+maps = predict_volume(
+    model, pet, stream=sys.stderr, scale=scale, projection=projection, kinetic_model=spec.name
+)
 maps[~body] = np.nan  # outside the body there is nothing to model
 
 # Per-slice agreement of measured and model TACs over the masked pixels (Fig. 3a), with
@@ -86,8 +100,8 @@ for z in range(pet.shape[2]):
         if not mask.any():
             continue
         if predicted is None:
-            params = np.nan_to_num(maps[:, :, z, :4], nan=0.01)
-            predicted = np.transpose(kinetic(params.astype(np.float64)), (2, 0, 1))[None]
+            params = np.nan_to_num(maps[:, :, z, : len(spec.parameters)], nan=0.01)
+            predicted = np.transpose(spec.curves(params, kinetic), (2, 0, 1))[None]
         cs, mae = tac_metrics(measured, predicted, mask)
         row.update({f"{prefix}cs": cs[0], f"{prefix}mae": mae[0]})
     rows.append(row)
@@ -95,8 +109,8 @@ table = pd.DataFrame(rows)
 with atomic_path(sm.output.metrics) as tmp:
     table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
-for index, path in enumerate(sm.output.maps):
-    img = nib.Nifti1Image(maps[..., index], pet_affine)
+for name, path in zip(wanted, sm.output.maps, strict=True):
+    img = nib.Nifti1Image(maps[..., names.index(name)], pet_affine)
     img.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(img, tmp)

@@ -1,5 +1,6 @@
 """Run-time table: seconds per voxel, per slice and per whole body of the network's
-inference and of each voxel-wise fitter, from the recorded benchmarks, with speed-ups."""
+inference and of each voxel-wise fitter, from the recorded benchmarks, with speed-ups, for
+the configured kinetic model (named with its maps under the table)."""
 
 import sys
 
@@ -8,6 +9,7 @@ import pandas as pd
 
 from kinpet.evaluation import body_voxel_counts, markdown_table, runtime_table
 from kinpet.io import KinpetInputError, atomic_path
+from kinpet.models import get_model, map_names
 from kinpet.readers import read_table, read_volume, script_log
 
 script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
@@ -67,6 +69,7 @@ fit_per_voxel = {
 }
 table["fit_s_per_voxel"] = [fit_per_voxel.get(m, np.nan) for m in table["method"]]
 table["job_over_fit"] = table["s_per_voxel"] / table["fit_s_per_voxel"]
+table["model"] = sm.params.model
 with atomic_path(sm.output.csv) as tmp:
     table.to_csv(tmp, index=False)
 
@@ -132,6 +135,12 @@ text = markdown_table(
         "job_over_fit": "job / fitter",
         "timed": "measured on",
     },
+)
+model = get_model(sm.params.model)
+text += (
+    f"\nKinetic model: {model.name}, {model.description}: the network predicts "
+    f"{', '.join(model.parameters)}, the fitters fit them ({', '.join(map_names(model))} "
+    "maps).\n"
 )
 with atomic_path(sm.output.md) as tmp:
     tmp.write_text(text)

@@ -1,4 +1,5 @@
-"""Train one ablation of the kinetic UNet on the training slices."""
+"""Train one ablation of the kinetic UNet on the training slices, for the configured kinetic
+model (``model:``)."""
 
 import sys
 from pathlib import Path
@@ -80,7 +81,11 @@ def make_monitor(inp, settings, train_data, val_data):
 
 
 settings = settings_from_config(
-    sm.params.settings, sm.params.underneath, **sm.params.ablation, threads=sm.threads
+    sm.params.settings,
+    sm.params.underneath,
+    **sm.params.ablation,
+    model=sm.params.model,
+    threads=sm.threads,
 )
 print(
     f"device: {pick_device(settings.device)} (CUDA visible: {pick_device('auto').type == 'cuda'})",
