@@ -398,7 +398,7 @@ def test_predict_stops_on_an_all_zero_input_with_one_line(tmp_path):
     zero = InputFunction(frames.mids_s, np.zeros(len(frames)))
     write_blood_tsv(tmp_path / "input_blood.tsv", zero)
     np.savez(tmp_path / "slices.npz", z=np.arange(4), crop=np.zeros(2, int))
-    maps = [f"out/desc-{name}_kinpar.nii.gz" for name in ("K1", "k2", "k3", "Vb", "Ki")]
+    maps = [f"out/sub-01_desc-{name}_kinpar.nii.gz" for name in ("K1", "k2", "k3", "Vb", "Ki")]
     spec = {
         "input": {"checkpoint": "best.pt", "pet": "pet.nii.gz", "labels": "labels.nii.gz",
                   "blood": "input_blood.tsv", "pet_json": "pet.json", "slices": "slices.npz"},
