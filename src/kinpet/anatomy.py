@@ -77,10 +77,15 @@ class Grid:
     Patient coordinates (mm): X towards the patient's left, Y towards posterior (both 0 at
     the centre of the field of view), Z towards the head, 0 at the bottom of the field of
     view; voxel centres sit at half a voxel from the edges.
+
+    ``world``, when given, is the voxel-to-world (RAS+, mm) affine written to the images
+    (a label map's position, :mod:`kinpet.labelmap`); the patient coordinates above stay
+    as they are (they place the shapes and the smooth fields).
     """
 
     shape: tuple
     voxel_mm: float
+    world: np.ndarray | None = None
 
     @classmethod
     def from_fov(cls, fov_mm, voxel_mm: float) -> Grid:
@@ -97,6 +102,8 @@ class Grid:
     @property
     def affine(self) -> np.ndarray:
         """Voxel (x, y, z) to RAS+ world (mm): x runs right -> left, y anterior -> posterior."""
+        if self.world is not None:
+            return np.array(self.world, dtype=np.float64)
         nx, ny, _ = self.shape
         v = self.voxel_mm
         return np.array(

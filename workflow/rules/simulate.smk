@@ -3,6 +3,9 @@ BIDS = PHANTOM["root"]
 PHANTOM_SUBJECTS = phantom_subject_ids(PHANTOM["subjects"])
 TRUTH_NAMES = ["K1", "k2", "k3", "Vb", "Ki"]
 
+# The label map's files (phantom.anatomy); none for the procedural body.
+ANATOMY_INPUTS = anatomy_inputs(PHANTOM)
+
 
 rule phantom_dataset:
     output:
@@ -19,6 +22,7 @@ rule phantom_dataset:
 
 rule simulate:
     input:
+        **ANATOMY_INPUTS,
         organs=config["organ_values"],
     output:
         pet=f"{BIDS}/{{subject}}/pet/{{subject}}_pet.nii.gz",
