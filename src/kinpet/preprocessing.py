@@ -222,15 +222,29 @@ _OVERRIDE = (
 )
 
 
-def _label_z_extent(
-    labels: np.ndarray, label_names: dict, name: str, source, default
-) -> np.ndarray:
-    where = f"{source}: " if source else ""
-    # The default range's message names the override; a range the user chose, the setting.
-    hint = " (preprocess.slice_range)"
-    if default:
+def slice_range_labels(bounds=None) -> dict:
+    """The organs a slice range needs, each with what an error about it adds.
+
+    Parameters
+    ----------
+    bounds : (lo, hi), optional
+        As :func:`slice_range`; None: the default, bladder to lungs.
+
+    Returns
+    -------
+    dict
+        Organ name -> the end of the message when it is missing: the default range's names
+        the override (``preprocess.slice_range``), a chosen range's the setting.
+    """
+    if bounds is None:
         hint = "; the slice range runs from the bottom of the bladder to the top of the lungs: "
-        hint += _OVERRIDE
+        return {name: hint + _OVERRIDE for name in DEFAULT_SLICE_BOUNDS}
+    return {name: " (preprocess.slice_range)" for name in bounds if isinstance(name, str)}
+
+
+def _label_z_extent(labels, label_names: dict, name: str, source, default: bool) -> np.ndarray:
+    where = f"{source}: " if source else ""
+    hint = slice_range_labels(None if default else (name,))[name]
     if name not in label_names:
         raise PreprocessingError(
             f"{where}no label named {name!r} (labels: {', '.join(label_names)}){hint}"

@@ -21,6 +21,7 @@ rule resample:
     conda:
         "../../envs/kinpet.yaml"
     params:
+        **SLICE_BOUNDS,
         bids_root=str(BIDS_ROOT),
         input_function=DATA["input_function"],
         blood_recording=DATA["blood_recording"],
