@@ -144,6 +144,8 @@ def test_subjects_share_the_anatomy_and_differ_in_kinetics():
     assert a.input_peak_kbq_per_ml != b.input_peak_kbq_per_ml
     with pytest.raises(ValueError, match="example_seg.nii.gz: read on 6-mm voxels, not the 2"):
         phantom.make_subject("sub-01", voxel_mm=2.0, anatomy=got)
+    with pytest.raises(ValueError, match="deform_mm deforms the procedural organs only"):
+        phantom.make_subject("sub-01", voxel_mm=6.0, anatomy=got, deform_mm=2.0)
 
 
 def test_unknown_labels_go_to_the_default_class(tmp_path):

@@ -249,7 +249,7 @@ def build_anatomy(rng: np.random.Generator, size: PhantomSize) -> list:
 
     Positions are those of the adult reference body (mm, patient coordinates), jittered per
     organ (size +-10 %, position +-10 % of the organ's semi-axes) and then scaled by the
-    size preset.
+    size preset (:func:`kinpet.deformation.deform` makes some organs less geometric).
     """
     st, sz = size.scale
     scale = _vec(st, st, sz)

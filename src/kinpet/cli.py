@@ -86,6 +86,7 @@ def cmd_simulate(args) -> None:
         noise_cov=args.noise_cov,
         threads=args.threads,
         anatomy=anatomy,
+        deform_mm=args.deform_mm,
     )
 
 
@@ -354,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
         "TotalSegmentator's (docs/phantom.md)",
     )
     p.add_argument("--anatomy-ct", help="a CT on the label map's grid: its body is the outline")
+    p.add_argument(
+        "--deform-mm",
+        type=float,
+        default=0.0,
+        help="rms displacement (mm) of a smooth random deformation of the procedural liver, "
+        "spleen and kidneys (default 0: none)",
+    )
     p.add_argument(
         "--anatomy-classes",
         default="config/totalsegmentator_classes.tsv",

@@ -33,6 +33,7 @@ from kinpet.anatomy import (
     build_anatomy,
     label_volume,
 )
+from kinpet.deformation import deform
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES
@@ -58,6 +59,9 @@ BLOOD_MODEL_PARAMS = (0.0, 0.01, 0.01, 1.0)
 # kBq min/ml under it after 60 min, so 0.1/min gives ~200 kBq/ml at the end of the scan,
 # ~4 times the liver.
 BLADDER_CLEARANCE_PER_MIN = 0.1
+# The organ deformation's random stream, (seed, number, 2): apart from the subject's own
+# (seed, number) and the noise's (seed, number, 1, frame).
+DEFORM_STREAM = 2
 
 
 # -- parameters ------------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ def make_subject(
     parameter_cv: float = 0.2,
     spatial_cv: float = 0.12,
     anatomy=None,
+    deform_mm: float = 0.0,
 ) -> Subject:
     """Draw one subject: anatomy, organ parameters, smooth fields and input function.
 
@@ -246,6 +251,11 @@ def make_subject(
         A label map's anatomy on a grid of ``voxel_mm`` voxels, in place of the shapes
         (``size`` is then unused): the body, its organs and their sizes are the label map's
         for every subject, at the scale of a real body.
+    deform_mm : float
+        Standard deviation (mm) of a smooth random displacement of the procedural liver,
+        spleen and kidneys (:func:`kinpet.deformation.deform`); 0: their geometric shapes. Its
+        random stream is its own (``(seed, number, 2)``): the rest of the subject is the
+        same with and without it.
     """
     number = subject_number(subject_id)
     rng = np.random.default_rng([seed, number])
@@ -254,7 +264,16 @@ def make_subject(
         size = SIZES[size] if isinstance(size, str) else size
         grid = Grid.from_fov(size.fov_mm, voxel_mm)
         shapes = build_anatomy(rng, size)
+        if deform_mm > 0:
+            st, sz = size.scale
+            deform_rng = np.random.default_rng([seed, number, DEFORM_STREAM])
+            shapes = deform(shapes, deform_rng, deform_mm, (st, st, sz))
     else:
+        if deform_mm > 0:
+            raise ValueError(
+                f"{anatomy.source}: deform_mm deforms the procedural organs only; a label "
+                "map's anatomy is used as it is (set deform_mm to 0)"
+            )
         grid = anatomy.grid
         if abs(grid.voxel_mm - float(voxel_mm)) > 1e-9:
             raise ValueError(

@@ -5,6 +5,8 @@ TRUTH_NAMES = ["K1", "k2", "k3", "Vb", "Ki"]
 
 # The label map's files (phantom.anatomy); none for the procedural body.
 ANATOMY_INPUTS = anatomy_inputs(PHANTOM)
+# phantom.deform_mm, only when on: the jobs of the geometric phantom stay as they were.
+DEFORM = {"deform_mm": PHANTOM["deform_mm"]} if PHANTOM.get("deform_mm") else {}
 
 
 rule phantom_dataset:
@@ -45,6 +47,7 @@ rule simulate:
     # Each subject's own random stream comes from the seed and its id, so the subject
     # count is not a parameter: adding subjects leaves the simulated ones alone.
     params:
+        **DEFORM,
         seed=PHANTOM["seed"],
         size=PHANTOM["size"],
         voxel_mm=PHANTOM["voxel_mm"],

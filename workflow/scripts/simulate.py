@@ -33,6 +33,7 @@ subject = phantom.make_subject(
     parameter_cv=cfg.parameter_cv,
     spatial_cv=cfg.spatial_cv,
     anatomy=anatomy,
+    deform_mm=cfg.get("deform_mm", 0.0),
 )
 # The dataset root is three levels above the PET file: <root>/sub-XX/pet/sub-XX_pet.nii.gz.
 root = Path(snakemake.output.pet).parents[2]  # noqa: F821
