@@ -256,6 +256,31 @@ def test_label_without_voxels(dataset):
     )
 
 
+def test_a_scan_without_a_bladder_names_the_slice_range_override(dataset):
+    """The pipeline's resample step reads the labels its slice range needs: without a
+    bladder the message names preprocess.slice_range; a chosen range needs only its organs."""
+    from kinpet.preprocessing import slice_range_labels
+
+    root, paths, truth = dataset
+    labels = truth["labels"].copy()
+    labels[labels == NAMES.index("bladder")] = NAMES.index("body")
+    replace_image(paths["dseg"], labels)
+    needs = slice_range_labels()
+    message = check_error(
+        root,
+        "label 'bladder' \\(11\\) has no voxels; ",
+        required_labels=tuple(needs),
+        label_reasons=needs,
+    )
+    assert message.endswith(
+        "set preprocess.slice_range: [lo, hi] (z in mm, or two organ names) for a scan without it"
+    )
+    needs = slice_range_labels(("liver", 250.0))
+    assert needs == {"liver": " (preprocess.slice_range)"}
+    study = read_pet_bids(root, "sub-01", required_labels=tuple(needs), label_reasons=needs)
+    assert not (study.labels == NAMES.index("bladder")).any()
+
+
 def test_blood_input_must_cover_the_scan(dataset):
     root, paths, _ = dataset
     table = pd.read_csv(paths["blood"], sep="\t")

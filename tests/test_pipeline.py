@@ -824,3 +824,63 @@ def test_fit_image_equals_the_pipelines_fast_maps(tiny_run, tmp_path, capsys):
         pipeline = _map(tiny_run / f"results/fit/fast/sub-04/sub-04_desc-{name}_kinpar.nii.gz")
         np.testing.assert_array_equal(np.isnan(ours), np.isnan(pipeline))
         np.testing.assert_allclose(ours, pipeline, rtol=1e-6, equal_nan=True, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def totalseg_run(tmp_path_factory):
+    """The whole pipeline on TotalSegmentator's example segmentation
+    (tests/config/totalseg.yaml: three subjects of one real anatomy), run once."""
+    work = copy_workflow(tmp_path_factory.mktemp("totalseg"))
+    example = "tests/data/totalsegmentator_example"
+    shutil.copytree(ROOT / example, work / example)
+    res = snakemake("all", "--cores", "2", "--configfile", "tests/config/totalseg.yaml", cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return work
+
+
+def test_totalsegmentator_example_through_the_pipeline(totalseg_run):
+    """simulate -> resample -> slices -> train -> predict -> fits -> figures on a label
+    map: the subjects share the anatomy, whose organs keep the label map's volumes; the
+    slices run from the kidneys to the lungs (preprocess.slice_range: no bladder there)."""
+    from kinpet.labelmap import read_label_anatomy
+
+    work = totalseg_run
+    example = work / "tests/data/totalsegmentator_example"
+    anatomy = read_label_anatomy(
+        example / "example_seg.nii.gz", 2.5, work / "config/totalsegmentator_classes.tsv",
+        example / "example_ct_sm.nii.gz",
+    )  # fmt: skip
+    bids = work / "results/bids"
+    names = pd.read_csv(bids / "derivatives/labels/sub-01/sub-01_dseg.tsv", sep="\t")
+    index = dict(zip(names["name"], names["index"], strict=True))
+    for sid in ("sub-01", "sub-02", "sub-03"):
+        dseg = nib.load(bids / f"derivatives/labels/{sid}/{sid}_dseg.nii.gz")
+        labels = np.asarray(dseg.dataobj)
+        np.testing.assert_array_equal(labels, anatomy.labels_zyx.transpose(2, 1, 0))
+        sidecar = json.loads((bids / sid / "pet" / f"{sid}_pet.json").read_text())
+        assert sidecar["PhantomAnatomy"] == "example_seg.nii.gz"
+    for organ, rel in (("liver", 0.05), ("spleen", 0.05), ("kidneys", 0.05), ("aorta", 0.1)):
+        ml = (labels == index[organ]).sum() * 2.5**3 / 1000
+        assert ml == pytest.approx(anatomy.volumes_ml[organ], rel=rel), organ
+    # The slices: from the lowest kidney slice to the highest lung slice at 4 mm.
+    pre = nib.load(work / "results/preprocessed/sub-03/labels_2p5mm.nii.gz")
+    coarse = np.asarray(pre.dataobj)
+    table = pd.read_csv(work / "results/preprocessed/sub-03/labels.tsv", sep="\t")
+    coarse_index = dict(zip(table["name"], table["index"], strict=True))
+    kidney_z = np.flatnonzero((coarse == coarse_index["kidneys"]).any(axis=(0, 1)))
+    lung_z = np.flatnonzero((coarse == coarse_index["lungs"]).any(axis=(0, 1)))
+    data = read_slices(work / "results/slices/sub-03.npz")
+    assert data["z"].min() == kidney_z.min() and data["z"].max() == lung_z.max()
+    assert len(data["z"]) == 8 and data["tacs"].shape[2:] == (64, 96)
+    # Training, prediction, the fast fit and the tables and figures.
+    log = pd.read_csv(work / "results/training/5.1/log.csv")
+    assert list(log.epoch) == [1, 2]
+    ki = _map(work / "results/prediction/5.1/sub-03/sub-03_desc-Ki_kinpar.nii.gz")
+    assert ki.shape == coarse.shape and np.isfinite(ki[coarse > 0]).any()
+    organs = pd.read_csv(work / "results/fit/organ/sub-03.tsv", sep="\t")
+    assert {"liver", "kidneys", "spleen", "lungs"} <= set(organs["organ"])
+    recovery = pd.read_csv(work / "results/tables/truth_recovery.csv")
+    assert {"liver", "kidneys", "spleen", "lungs"} <= set(recovery["organ"])
+    for name in ("phantom_coronal", "figure2", "figure3", "figure4", "truth_recovery"):
+        png = work / f"results/figures/{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

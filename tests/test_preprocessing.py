@@ -178,6 +178,48 @@ def test_slice_range_needs_lungs_and_bladder(missing):
         slice_range(empty, NAME_INDEX, 2.5)
 
 
+def test_a_missing_bladder_names_the_slice_range_override():
+    """A scan without a bladder (a thorax, TotalSegmentator's example) stops with the
+    override to use, whether the label table lacks the name or the label is empty."""
+    labels = lungs_bladder_labels()
+    empty = np.where(labels == NAME_INDEX["bladder"], 0, labels)
+    names = {k: v for k, v in NAME_INDEX.items() if k != "bladder"}
+    for lab, table in ((empty, NAME_INDEX), (labels, names)):
+        with pytest.raises(PreprocessingError) as err:
+            slice_range(lab, table, 2.5, source="labels.nii")
+        assert str(err.value).startswith("labels.nii: ")
+        assert str(err.value).endswith(
+            "the slice range runs from the bottom of the bladder to the top of the lungs: set "
+            "preprocess.slice_range: [lo, hi] (z in mm, or two organ names) for a scan without it"
+        )
+
+
+def test_slice_range_between_organs_or_millimetres():
+    labels = lungs_bladder_labels()  # lungs on z 20..29, bladder on 5..8, body on 2..35
+    labels[6:10, 5:9, 12:16] = NAME_INDEX["liver"]
+    empty = np.where(labels == NAME_INDEX["bladder"], 0, labels)
+    # Organ names: the lowest slice of the first, the highest of the second.
+    z = slice_range(empty, NAME_INDEX, 2.5, bounds=("liver", "lungs"))
+    np.testing.assert_array_equal(z, np.arange(12, 30))
+    z = slice_range(empty, NAME_INDEX, 2.5, margins_mm=(5, 5), bounds=("liver", "liver"))
+    np.testing.assert_array_equal(z, np.arange(10, 18))
+    # Millimetres of world z: slice k's centre at z0 + 2.5 k; both ends on slice centres.
+    z = slice_range(empty, NAME_INDEX, 2.5, bounds=(100.0, 125.0), z0_mm=50.0)
+    np.testing.assert_array_equal(z, np.arange(20, 31))
+    z = slice_range(empty, NAME_INDEX, 2.5, bounds=(101.0, 124.0), z0_mm=50.0)
+    np.testing.assert_array_equal(z, np.arange(21, 30))
+    # Mixed, and clipped to the image.
+    z = slice_range(empty, NAME_INDEX, 2.5, bounds=(-1000, "liver"), z0_mm=50.0)
+    np.testing.assert_array_equal(z, np.arange(0, 16))
+    # A named organ the scan lacks says which setting named it.
+    with pytest.raises(
+        PreprocessingError, match=r"no label named 'pancreas' .*\(preprocess.slice_range\)$"
+    ):
+        slice_range(empty, NAME_INDEX, 2.5, bounds=("liver", "pancreas"))
+    with pytest.raises(PreprocessingError, match=r"slice_range \[500, 600\] holds no slice"):
+        slice_range(empty, NAME_INDEX, 2.5, bounds=(500, 600))
+
+
 def test_slice_range_rejects_an_upside_down_image():
     with pytest.raises(PreprocessingError, match="upside down"):
         slice_range(lungs_bladder_labels()[:, :, ::-1], NAME_INDEX, 2.5)

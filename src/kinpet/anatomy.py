@@ -56,10 +56,15 @@ class Grid:
     Patient coordinates (mm): X towards the patient's left, Y towards posterior (both 0 at
     the centre of the field of view), Z towards the head, 0 at the bottom of the field of
     view; voxel centres sit at half a voxel from the edges.
+
+    ``world``, when given, is the voxel-to-world (RAS+, mm) affine written to the images
+    (a label map's position, :mod:`kinpet.labelmap`); the patient coordinates above stay
+    as they are (they place the shapes and the smooth fields).
     """
 
     shape: tuple
     voxel_mm: float
+    world: np.ndarray | None = None
 
     @classmethod
     def from_fov(cls, fov_mm, voxel_mm: float) -> Grid:
@@ -76,6 +81,8 @@ class Grid:
     @property
     def affine(self) -> np.ndarray:
         """Voxel (x, y, z) to RAS+ world (mm): x runs right -> left, y anterior -> posterior."""
+        if self.world is not None:
+            return np.array(self.world, dtype=np.float64)
         nx, ny, _ = self.shape
         v = self.voxel_mm
         return np.array(
@@ -221,7 +228,7 @@ def build_anatomy(rng: np.random.Generator, size: PhantomSize) -> list:
 
     Positions are those of the adult reference body (mm, patient coordinates), jittered per
     organ (size +-10 %, position +-10 % of the organ's semi-axes) and then scaled by the
-    size preset.
+    size preset (:func:`kinpet.deformation.deform` makes some organs less geometric).
     """
     st, sz = size.scale
     scale = _vec(st, st, sz)

@@ -115,7 +115,9 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
         raise KinpetInputError(f"{path}: cannot read as NIfTI ({err})") from None
 
 
-def read_labels(dseg_path, tsv_path, required=()) -> tuple[np.ndarray, np.ndarray, dict]:
+def read_labels(
+    dseg_path, tsv_path, required=(), reasons=None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a label map and its names; check that every value is named.
 
     Parameters
@@ -124,6 +126,8 @@ def read_labels(dseg_path, tsv_path, required=()) -> tuple[np.ndarray, np.ndarra
         ``_dseg.nii.gz`` (integer labels) and ``_dseg.tsv`` (index, name).
     required : sequence of str
         Label names that must be in the table and have voxels.
+    reasons : dict, optional
+        Label name -> text that ends the error when it is missing (why it is needed).
 
     Returns
     -------
@@ -147,13 +151,17 @@ def read_labels(dseg_path, tsv_path, required=()) -> tuple[np.ndarray, np.ndarra
             f"{dseg_path}: label value(s) {', '.join(map(str, unnamed))} are not listed in "
             f"{Path(tsv_path).name}"
         )
+    reasons = reasons or {}
     for name in required:
+        why = reasons.get(name, "")
         if name not in names:
             raise KinpetInputError(
-                f"{tsv_path}: no label named {name!r} (labels: {', '.join(names)})"
+                f"{tsv_path}: no label named {name!r} (labels: {', '.join(names)}){why}"
             )
         if not np.any(labels == names[name]):
-            raise KinpetInputError(f"{dseg_path}: label {name!r} ({names[name]}) has no voxels")
+            raise KinpetInputError(
+                f"{dseg_path}: label {name!r} ({names[name]}) has no voxels{why}"
+            )
     return labels, image.affine, names
 
 
@@ -165,6 +173,7 @@ def read_pet_bids(
     blood_column: str = "whole_blood",
     required_labels=("lungs", "bladder"),
     negative_tolerance: float = NEGATIVE_TOLERANCE,
+    label_reasons=None,
 ) -> PetStudy:
     """Read and validate one subject of a PET-BIDS dataset.
 
@@ -188,6 +197,9 @@ def read_pet_bids(
     negative_tolerance : float
         Reject the image when its minimum is below ``-negative_tolerance`` times its
         maximum; smaller negative values are kept.
+    label_reasons : dict, optional
+        Label name -> why it is required, to end the error when it is missing
+        (:func:`kinpet.preprocessing.slice_range_labels`).
 
     Returns
     -------
@@ -257,7 +269,9 @@ def read_pet_bids(
 
     # Labels on the same grid.
     required = tuple(required_labels) + (("aorta",) if input_function == "aorta" else ())
-    labels, label_affine, names = read_labels(paths["dseg"], paths["dseg_tsv"], required)
+    labels, label_affine, names = read_labels(
+        paths["dseg"], paths["dseg_tsv"], required, label_reasons
+    )
     if labels.shape != image.shape[:3]:
         raise KinpetInputError(
             f"{paths['dseg']}: label map shape {labels.shape} differs from the PET grid "

@@ -63,6 +63,17 @@ def cmd_simulate(args) -> None:
 
     subjects = int(args.subjects) if args.subjects.isdigit() else args.subjects.split(",")
     organ_values = read_organ_values(args.organ_values) if args.organ_values else None
+    anatomy = None
+    if args.anatomy != "procedural":
+        from kinpet.labelmap import read_label_anatomy
+
+        anatomy = read_label_anatomy(
+            args.anatomy,
+            args.voxel,
+            args.anatomy_classes,
+            args.anatomy_ct,
+            log=lambda message: print(message, file=sys.stderr),
+        )
     simulation.write_dataset(
         args.out,
         subjects,
@@ -74,6 +85,8 @@ def cmd_simulate(args) -> None:
         fwhm_mm=args.fwhm,
         noise_cov=args.noise_cov,
         threads=args.threads,
+        anatomy=anatomy,
+        deform_mm=args.deform_mm,
     )
 
 
@@ -342,6 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--organ-values", help="TSV of organ means (organ, K1, k2, k3, Vb); default built in"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads for the model")
+    p.add_argument(
+        "--anatomy",
+        default="procedural",
+        help="procedural (default: the shapes of --size) or a NIfTI label map, e.g. "
+        "TotalSegmentator's (docs/phantom.md)",
+    )
+    p.add_argument("--anatomy-ct", help="a CT on the label map's grid: its body is the outline")
+    p.add_argument(
+        "--deform-mm",
+        type=float,
+        default=0.0,
+        help="rms displacement (mm) of a smooth random deformation of the procedural liver, "
+        "spleen and kidneys (default 0: none)",
+    )
+    p.add_argument(
+        "--anatomy-classes",
+        default="config/totalsegmentator_classes.tsv",
+        help="TSV assigning label names to kinpet's classes (default: the repository's)",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser(

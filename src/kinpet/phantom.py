@@ -1,10 +1,12 @@
 """A procedural whole-body dynamic FDG phantom with known truth: its subjects (docs/phantom.md).
 
 A subject is everything random about one phantom body, drawn from ``(seed, number)``: the
-anatomy (:mod:`kinpet.anatomy`), organ parameters and the input function. Its image is made
-by :mod:`kinpet.simulation`. Per-voxel parameters (K1, k2, k3, Vb) are organ population
-means (``config/organ_values.tsv``), a log-normal per-subject factor per organ and
-parameter, and a smooth random field inside each organ, clipped to the paper's bounds.
+anatomy (:mod:`kinpet.anatomy`), organ parameters and the input function; given a label
+map's anatomy (:mod:`kinpet.labelmap`), every subject shares it and differs by the rest.
+Its image is made by :mod:`kinpet.simulation`. Per-voxel parameters (K1, k2, k3, Vb) are
+organ population means (``config/organ_values.tsv``), a log-normal per-subject factor per
+organ and parameter, and a smooth random field inside each organ, clipped to the paper's
+bounds.
 
 Special voxels:
 
@@ -31,6 +33,7 @@ from kinpet.anatomy import (
     build_anatomy,
     label_volume,
 )
+from kinpet.deformation import deform
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES
@@ -56,6 +59,9 @@ BLOOD_MODEL_PARAMS = (0.0, 0.01, 0.01, 1.0)
 # kBq min/ml under it after 60 min, so 0.1/min gives ~200 kBq/ml at the end of the scan,
 # ~4 times the liver.
 BLADDER_CLEARANCE_PER_MIN = 0.1
+# The organ deformation's random stream, (seed, number, 2): apart from the subject's own
+# (seed, number) and the noise's (seed, number, 1, frame).
+DEFORM_STREAM = 2
 
 
 # -- parameters ------------------------------------------------------------------------------------
@@ -124,6 +130,8 @@ class Subject:
     input_peak_kbq_per_ml: float
     input_delay_s: float
     bladder_clearance_per_min: float
+    label_map: np.ndarray | None = None  # a label map's labels [z, y, x]; None: the shapes
+    anatomy: str = "procedural"  # or the label map's file name
 
     def input_function(self, frames: FrameSchedule) -> InputFunction:
         """The true input: Feng's model sampled every 1 s to 4 min, 10 s to 10 min, then 60 s.
@@ -145,6 +153,9 @@ class Subject:
 
     def labels(self, z_range=None) -> np.ndarray:
         """Organ labels, int16 [z, y, x]."""
+        if self.label_map is not None:
+            z0, z1 = z_range if z_range is not None else (0, self.grid.shape[2])
+            return self.label_map[z0:z1].copy()
         return label_volume(self.shapes, self.grid, z_range)
 
     def voxel_parameters(self, labels: np.ndarray, z0: int):
@@ -212,6 +223,8 @@ def make_subject(
     input_delay_s=(5.0, 20.0),
     parameter_cv: float = 0.2,
     spatial_cv: float = 0.12,
+    anatomy=None,
+    deform_mm: float = 0.0,
 ) -> Subject:
     """Draw one subject: anatomy, organ parameters, smooth fields and input function.
 
@@ -234,12 +247,42 @@ def make_subject(
         Between-subject coefficient of variation of each organ parameter (log-normal).
     spatial_cv : float
         Standard deviation of the log of the smooth within-organ variation.
+    anatomy : kinpet.labelmap.LabelAnatomy, optional
+        A label map's anatomy on a grid of ``voxel_mm`` voxels, in place of the shapes
+        (``size`` is then unused): the body, its organs and their sizes are the label map's
+        for every subject, at the scale of a real body.
+    deform_mm : float
+        Standard deviation (mm) of a smooth random displacement of the procedural liver,
+        spleen and kidneys (:func:`kinpet.deformation.deform`); 0: their geometric shapes. Its
+        random stream is its own (``(seed, number, 2)``): the rest of the subject is the
+        same with and without it.
     """
-    size = SIZES[size] if isinstance(size, str) else size
     number = subject_number(subject_id)
     rng = np.random.default_rng([seed, number])
-    grid = Grid.from_fov(size.fov_mm, voxel_mm)
-    shapes = build_anatomy(rng, size)
+    label_map, source = None, "procedural"
+    if anatomy is None:
+        size = SIZES[size] if isinstance(size, str) else size
+        grid = Grid.from_fov(size.fov_mm, voxel_mm)
+        shapes = build_anatomy(rng, size)
+        if deform_mm > 0:
+            st, sz = size.scale
+            deform_rng = np.random.default_rng([seed, number, DEFORM_STREAM])
+            shapes = deform(shapes, deform_rng, deform_mm, (st, st, sz))
+    else:
+        if deform_mm > 0:
+            raise ValueError(
+                f"{anatomy.source}: deform_mm deforms the procedural organs only; a label "
+                "map's anatomy is used as it is (set deform_mm to 0)"
+            )
+        grid = anatomy.grid
+        if abs(grid.voxel_mm - float(voxel_mm)) > 1e-9:
+            raise ValueError(
+                f"{anatomy.source}: read on {grid.voxel_mm:g}-mm voxels, not the {voxel_mm:g} mm "
+                "asked for"
+            )
+        fov = tuple(n * grid.voxel_mm for n in grid.shape)
+        size = PhantomSize("labelmap", fov, (1.0, 1.0))
+        shapes, label_map, source = [], anatomy.labels_zyx, anatomy.source
     means = organ_means(organ_values)
     names = sorted(means)
     factors = lognormal_factor(rng, parameter_cv, (len(names), 4))
@@ -262,4 +305,6 @@ def make_subject(
         input_peak_kbq_per_ml=float(peak),
         input_delay_s=float(delay),
         bladder_clearance_per_min=clearance,
+        label_map=label_map,
+        anatomy=source,
     )

@@ -1,4 +1,4 @@
-"""Preprocessing computations: resampling, the lungs-to-bladder slice range, cropping.
+"""Preprocessing computations: resampling, the slice range (lungs to bladder), cropping.
 
 Pure functions on arrays (file reading and writing live in :mod:`kinpet.io`).
 
@@ -215,17 +215,58 @@ def image_derived_input(
 # -- slices and crops ---------------------------------------------------------------------
 
 
-def _label_z_extent(labels: np.ndarray, label_names: dict, name: str, source) -> np.ndarray:
+# The default slice range: the bottom of the bladder to the top of the lungs (the paper's).
+DEFAULT_SLICE_BOUNDS = ("bladder", "lungs")
+_OVERRIDE = (
+    "set preprocess.slice_range: [lo, hi] (z in mm, or two organ names) for a scan without it"
+)
+
+
+def slice_range_labels(bounds=None) -> dict:
+    """The organs a slice range needs, each with what an error about it adds.
+
+    Parameters
+    ----------
+    bounds : (lo, hi), optional
+        As :func:`slice_range`; None: the default, bladder to lungs.
+
+    Returns
+    -------
+    dict
+        Organ name -> the end of the message when it is missing: the default range's names
+        the override (``preprocess.slice_range``), a chosen range's the setting.
+    """
+    if bounds is None:
+        hint = "; the slice range runs from the bottom of the bladder to the top of the lungs: "
+        return {name: hint + _OVERRIDE for name in DEFAULT_SLICE_BOUNDS}
+    return {name: " (preprocess.slice_range)" for name in bounds if isinstance(name, str)}
+
+
+def _label_z_extent(labels, label_names: dict, name: str, source, default: bool) -> np.ndarray:
     where = f"{source}: " if source else ""
+    hint = slice_range_labels(None if default else (name,))[name]
     if name not in label_names:
         raise PreprocessingError(
-            f"{where}no label named {name!r} (labels: {', '.join(label_names)}); "
-            "the slice range runs from the top of the lungs to the bottom of the bladder"
+            f"{where}no label named {name!r} (labels: {', '.join(label_names)}){hint}"
         )
     z = np.flatnonzero((labels == label_names[name]).any(axis=(0, 1)))
     if z.size == 0:
-        raise PreprocessingError(f"{where}label {name!r} has no voxels")
+        raise PreprocessingError(f"{where}label {name!r} has no voxels{hint}")
     return z
+
+
+def _bound_index(bound, end: str, labels, label_names, voxel_mm, z0_mm, source, default) -> int:
+    """Slice index of one end (``"lo"`` or ``"hi"``) of the range: an organ's lowest or
+    highest slice, or the first (last) slice whose centre lies at or above (below) a z in
+    mm."""
+    if isinstance(bound, str):
+        z = _label_z_extent(labels, label_names, bound, source, default)
+        return int(z.min() if end == "lo" else z.max())
+    position = (float(bound) - z0_mm) / voxel_mm
+    # A bound on a slice centre (up to float rounding in the affine) includes that slice.
+    if end == "lo":
+        return int(np.ceil(position - 1e-6))
+    return int(np.floor(position + 1e-6))
 
 
 def slice_range(
@@ -235,45 +276,64 @@ def slice_range(
     margins_mm=(0.0, 0.0),
     n_slices: int | None = None,
     source: str | None = None,
+    bounds=None,
+    z0_mm: float = 0.0,
 ) -> np.ndarray:
-    """Axial slice indices from the top of the lungs to the bottom of the bladder.
+    """Axial slice indices from the bottom of the bladder to the top of the lungs, or
+    between other bounds.
 
     Parameters
     ----------
     labels : ndarray, shape (x, y, z)
         Label map on the canonical grid (z index increases towards the head).
     label_names : dict
-        Label name -> value; needs ``"lungs"`` and ``"bladder"``.
+        Label name -> value; needs the organs that ``bounds`` names.
     voxel_mm : float
-        Slice thickness (mm) of the grid, to convert the margins.
+        Slice thickness (mm) of the grid, to convert the margins and bounds in mm.
     margins_mm : (float, float)
-        Extra distance (mm) above the top of the lungs and below the bottom of the
-        bladder; rounded to the nearest whole slice (halves up) and clipped to
-        the image.
+        Extra distance (mm) above the top and below the bottom of the range; rounded to the
+        nearest whole slice (halves up) and clipped to the image.
     n_slices : int, optional
         Keep this many slices, evenly spaced over the range (the paper keeps 75 per
         patient); all slices of the range when None or when the range is shorter.
     source : str, optional
         File name for error messages.
+    bounds : (lo, hi), optional
+        The bottom and top of the range (``preprocess.slice_range``), each an organ name
+        (``lo``: the organ's lowest slice, ``hi``: its highest) or a z coordinate in mm
+        (the world z of the image's affine; slices whose centres lie between the two).
+        Default :data:`DEFAULT_SLICE_BOUNDS`, bladder to lungs.
+    z0_mm : float
+        World z (mm) of the centre of slice 0 (the affine's ``[2, 3]``), for bounds in mm.
 
     Returns
     -------
     ndarray of int
-        Slice indices along z, increasing (from the bottom of the bladder upwards).
+        Slice indices along z, increasing (from the bottom of the range upwards).
     """
     labels = np.asarray(labels)
-    top = int(_label_z_extent(labels, label_names, "lungs", source).max())
-    bottom = int(_label_z_extent(labels, label_names, "bladder", source).min())
-    if bottom > top:
-        where = f"{source}: " if source else ""
+    default = bounds is None
+    lo, hi = DEFAULT_SLICE_BOUNDS if default else bounds
+    where = f"{source}: " if source else ""
+    args = (labels, label_names, voxel_mm, z0_mm, source, default)
+    top = _bound_index(hi, "hi", *args)
+    bottom = _bound_index(lo, "lo", *args)
+    if default and bottom > top:
         raise PreprocessingError(
             f"{where}the bladder (lowest slice {bottom}) lies above the top of the lungs "
             f"(slice {top}); is the image upside down?"
         )
+    n_z = labels.shape[2]
+    if bottom > top or top < 0 or bottom > n_z - 1:
+        raise PreprocessingError(
+            f"{where}preprocess.slice_range {list(bounds)} holds no slice of the image "
+            f"(slices 0-{n_z - 1} at z {z0_mm:g} to {z0_mm + (n_z - 1) * voxel_mm:g} mm; "
+            f"the range's ends at slices {bottom} and {top})"
+        )
     # floor(x + 0.5): halves round up (Python's round() would round 2.5 down to 2).
     above, below = (int(np.floor(m / voxel_mm + 0.5)) for m in margins_mm)
     z0 = max(0, bottom - below)
-    z1 = min(labels.shape[2] - 1, top + above)
+    z1 = min(n_z - 1, top + above)
     z = np.arange(z0, z1 + 1)
     if n_slices is not None and 0 < n_slices < z.size:
         z = np.unique(np.round(np.linspace(z0, z1, n_slices)).astype(int))

@@ -139,6 +139,22 @@ def check_simulation_resources(
     )
 
 
+def check_noise_reference(subject: Subject, noise_cov: float) -> None:
+    """Refuse noise on an anatomy without a liver, where ``noise_cov`` sets the noise level.
+
+    The procedural body always has one; a label map may not.
+    """
+    from kinpet.io import KinpetInputError
+
+    if noise_cov > 0 and subject.label_map is not None:
+        if not (subject.label_map == LABEL_INDEX["liver"]).any():
+            raise KinpetInputError(
+                f"{subject.anatomy}: the label map has no liver, whose coefficient of "
+                "variation in the last frame sets the noise (noise_cov); set noise_cov to 0 "
+                "or use a label map with the liver"
+            )
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -175,6 +191,7 @@ def simulate_subject(
     """
     frames = FrameSchedule.paper() if frames is None else frames
     check_simulation_resources(subject, len(frames), root)
+    check_noise_reference(subject, noise_cov)
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
@@ -343,6 +360,8 @@ def pet_sidecar(frames, subject, fwhm_mm, noise_cov, a, reference_frame, referen
         "PhantomInputPeak": subject.input_peak_kbq_per_ml,
         "PhantomInputDelay": subject.input_delay_s,
         "PhantomBladderClearance": subject.bladder_clearance_per_min,
+        # Only for a label map's anatomy: the procedural phantom's sidecar stays as it was.
+        **({} if subject.label_map is None else {"PhantomAnatomy": subject.anatomy}),
     }
 
 
@@ -368,9 +387,14 @@ def write_dataset(
     noise_cov=0.10,
     log=_log,
     threads=1,
+    anatomy=None,
     **draw,
 ) -> list:
-    """Simulate several subjects and the dataset-level files (a convenience for the CLI)."""
+    """Simulate several subjects and the dataset-level files (a convenience for the CLI).
+
+    ``anatomy``: a :class:`kinpet.labelmap.LabelAnatomy` every subject shares, or None
+    for the procedural body of ``size``.
+    """
     from kinpet import io
 
     root = Path(root)
@@ -378,6 +402,6 @@ def write_dataset(
     io.write_json(root / "dataset_description.json", dataset_description())
     out = []
     for sid in subject_ids(subjects):
-        subject = make_subject(sid, seed, size, organ_values, voxel_mm, **draw)
+        subject = make_subject(sid, seed, size, organ_values, voxel_mm, anatomy=anatomy, **draw)
         out.append(simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log, threads))
     return out

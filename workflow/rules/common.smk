@@ -243,6 +243,23 @@ def phantom_outputs():
     ]
 
 
+def anatomy_inputs(phantom):
+    """The label map's files (phantom.anatomy), as inputs of simulate: none for the
+    procedural body, so that its jobs stay as they were. The label table beside the map
+    (<name>.tsv, as kinpet.labelmap.label_table_beside) counts when it exists."""
+    path = phantom.get("anatomy", "procedural")
+    if path == "procedural":
+        return {}
+    stem = Path(path).name.removesuffix(".gz").removesuffix(".nii")
+    files = {"anatomy": path, "anatomy_classes": phantom["anatomy_classes"]}
+    beside = Path(path).with_name(f"{stem}.tsv")
+    if beside.exists():
+        files["anatomy_labels"] = str(beside)
+    if phantom.get("anatomy_ct"):
+        files["anatomy_ct"] = phantom["anatomy_ct"]
+    return files
+
+
 # -- Curve fitting (fit.smk) -----------------------------------------------------------
 FIT = {
     "chunks": 4,

@@ -1,3 +1,9 @@
+# preprocess.slice_range, only when given: the slices of a config without it stay as they were.
+SLICE_BOUNDS = (
+    {"bounds": PREPROCESS["slice_range"]} if PREPROCESS.get("slice_range") else {}
+)
+
+
 rule resample:
     input:
         unpack(bids_inputs),
@@ -15,6 +21,7 @@ rule resample:
     conda:
         "../../envs/kinpet.yaml"
     params:
+        **SLICE_BOUNDS,
         bids_root=str(BIDS_ROOT),
         input_function=DATA["input_function"],
         blood_recording=DATA["blood_recording"],
@@ -37,6 +44,7 @@ rule slices:
     conda:
         "../../envs/kinpet.yaml"
     params:
+        **SLICE_BOUNDS,
         crop=PREPROCESS["crop"],
         margins_mm=PREPROCESS["slice_margin_mm"],
         # Test subjects may keep another count (preprocess.n_slices_test); a lambda, so

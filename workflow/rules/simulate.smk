@@ -3,6 +3,11 @@ BIDS = PHANTOM["root"]
 PHANTOM_SUBJECTS = phantom_subject_ids(PHANTOM["subjects"])
 TRUTH_NAMES = ["K1", "k2", "k3", "Vb", "Ki"]
 
+# The label map's files (phantom.anatomy); none for the procedural body.
+ANATOMY_INPUTS = anatomy_inputs(PHANTOM)
+# phantom.deform_mm, only when on: the jobs of the geometric phantom stay as they were.
+DEFORM = {"deform_mm": PHANTOM["deform_mm"]} if PHANTOM.get("deform_mm") else {}
+
 
 rule phantom_dataset:
     output:
@@ -19,6 +24,7 @@ rule phantom_dataset:
 
 rule simulate:
     input:
+        **ANATOMY_INPUTS,
         organs=config["organ_values"],
     output:
         pet=f"{BIDS}/{{subject}}/pet/{{subject}}_pet.nii.gz",
@@ -41,6 +47,7 @@ rule simulate:
     # Each subject's own random stream comes from the seed and its id, so the subject
     # count is not a parameter: adding subjects leaves the simulated ones alone.
     params:
+        **DEFORM,
         seed=PHANTOM["seed"],
         size=PHANTOM["size"],
         voxel_mm=PHANTOM["voxel_mm"],
@@ -59,8 +66,9 @@ rule simulate:
 # the simulate job's own check comes after Snakemake has deleted the outputs it reruns.
 # The memory is this machine's, or the simulate job's mem_mb when fixed (what a cluster
 # job gets). Only the main process checks: a cluster job parses the Snakefile again,
-# under the memory of whatever job it runs.
-if DATA["source"] == "phantom" and workflow.is_main_process:
+# under the memory of whatever job it runs. A label map's grid is known only once it is
+# read: that body is checked by the simulate job alone.
+if DATA["source"] == "phantom" and not ANATOMY_INPUTS and workflow.is_main_process:
     from kinpet.resources import (
         PhantomResourceError,
         available_memory,

@@ -18,6 +18,7 @@ from kinpet.io import (
 from kinpet.preprocessing import (
     canonical_grid,
     resample_to_spacing,
+    slice_range_labels,
     voxel_volume_ml,
 )
 from kinpet.readers import script_log
@@ -27,12 +28,18 @@ params, out = snakemake.params, snakemake.output  # noqa: F821
 subject = snakemake.wildcards.subject  # noqa: F821
 
 # A KinpetInputError names the file and the problem: script_log writes it in one line.
+# The labels the slice range needs (bladder and lungs, or preprocess.slice_range's organs)
+# are checked here, before the slices job: a scan without them stops early, naming why.
+bounds = params.get("bounds")
+needs = slice_range_labels(None if bounds is None else tuple(bounds))
 study = read_pet_bids(
     params.bids_root,
     subject,
     input_function=params.input_function,
     blood_recording=params.blood_recording,
     blood_column=params.blood_column,
+    required_labels=tuple(needs),
+    label_reasons=needs,
 )
 print(f"{study.pet_path}: {study.shape}, {study.units} -> kBq/mL", file=sys.stderr)
 

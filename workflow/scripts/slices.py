@@ -1,4 +1,5 @@
-"""Cut the lungs-to-bladder axial slices of one subject, cropped around the body."""
+"""Cut the axial slices of one subject (bladder to lungs, or preprocess.slice_range), cropped
+around the body."""
 
 import sys
 
@@ -20,7 +21,18 @@ frames = FrameSchedule.from_bids_json(inp.pet_json)
 slice_mm = float(np.linalg.norm(affine[:3, 2]))
 crop = tuple(int(c) for c in params.crop)
 # A PreprocessingError (no lungs, too few slices) ends the script in one line (script_log).
-z = slice_range(labels, names, slice_mm, params.margins_mm, params.n_slices, source=inp.labels)
+# preprocess.slice_range, when given, replaces the bladder-to-lungs range.
+bounds = params.get("bounds")
+z = slice_range(
+    labels,
+    names,
+    slice_mm,
+    params.margins_mm,
+    params.n_slices,
+    source=inp.labels,
+    bounds=None if bounds is None else tuple(bounds),
+    z0_mm=float(affine[2, 3]),
+)
 offsets = centre_crop_offsets(labels, z, crop, names.get("background", 0))
 
 # Read only the slab of slices that is needed.
