@@ -80,15 +80,17 @@ def synthetic_run(workdir):
 TINY_TARGETS = ("all",)
 
 
+def whole_run(work, configfile):
+    """The whole pipeline (`all`) in ``work`` with one config file; the tree on success."""
+    res = snakemake(*TINY_TARGETS, "--cores", "2", "--configfile", configfile, cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return work
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The whole pipeline on the tiny config (four tiny phantom subjects), run once."""
-    work = copy_workflow(tmp_path_factory.mktemp("tiny"))
-    res = snakemake(
-        *TINY_TARGETS, "--cores", "2", "--configfile", "tests/config/tiny.yaml", cwd=work
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return work
+    return whole_run(copy_workflow(tmp_path_factory.mktemp("tiny")), "tests/config/tiny.yaml")
 
 
 def test_dry_run_of_default_config(workdir):
@@ -351,11 +353,7 @@ def test_what_another_model_cannot_do_stops_the_run_at_once(workdir, extra, mess
 def tiny_reversible_run(tmp_path_factory):
     """The whole pipeline on tests/config/tiny_reversible.yaml (model: reversible_2tc)."""
     work = copy_workflow(tmp_path_factory.mktemp("tiny_reversible"))
-    res = snakemake(
-        *TINY_TARGETS, "--cores", "2", "--configfile", "tests/config/tiny_reversible.yaml", cwd=work
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return work
+    return whole_run(work, "tests/config/tiny_reversible.yaml")
 
 
 def test_tiny_reversible_model_end_to_end(tiny_reversible_run):
@@ -493,6 +491,59 @@ def test_tiny_table1_recomputed(tiny_run):
     md = (tiny_run / "results/tables/table1.md").read_text()
     assert "| 4.1 | space + time | 3D | Multi-clamp |" in md
     assert f"**{row.cs_mean:.2f} ± {row.cs_sd:.2f}**" in md
+    assert (row.recipe, row.sampling, row.test_domain) == ("kinpet", "average", "kinpet")
+    assert "| kinpet, average |" in md and "Test domain kinpet" in md
+
+
+def test_the_paper_recipe_chooses_the_published_organ_fit_and_test_domain(tiny_run, tmp_path):
+    """With only ``training: recipe: paper`` added, the organ fit of Fig. 2 is the
+    published curve fit, and Table 1 reads the published test domain (the crop, the
+    activity mask alone) and says "paper, paper". Run on a copy of the tiny tree, the
+    two rules forced (mtime triggers only, so the kinpet-trained maps are reused: the
+    wiring is checked here, not the paper recipe's training)."""
+    work = tmp_path / "paper"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    (work / "paper.yaml").write_text("training:\n  recipe: paper\n")
+    targets = ("results/fit/organ/sub-04.tsv", "results/tables/table1.csv")
+    res = snakemake(
+        *targets,
+        "--cores",
+        "2",
+        "--rerun-triggers",
+        "mtime",
+        "--forcerun",
+        "organ_fit",
+        "table1",
+        "--configfile",
+        "tests/config/tiny.yaml",
+        "paper.yaml",
+        cwd=work,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(
+        ln.split()[1].rstrip(":")
+        for ln in res.stderr.splitlines()
+        if ln.startswith(("rule ", "localrule "))
+    )
+    assert jobs == ["organ_fit", "table1"], res.stderr[-2000:]
+    organs = pd.read_csv(work / "results/fit/organ/sub-04.tsv", sep="\t")
+    before = pd.read_csv(tiny_run / "results/fit/organ/sub-04.tsv", sep="\t")
+    assert set(organs.method) == {"curve_fit_paper", "fast"}
+    assert set(before.method) == {"curve_fit", "fast"}
+    fast = [t[t.method == "fast"].reset_index(drop=True) for t in (organs, before)]
+    pd.testing.assert_frame_equal(fast[0], fast[1])  # the fast rows do not change
+
+    table = pd.read_csv(work / "results/tables/table1.csv", dtype={"ablation": str}).iloc[0]
+    assert (table.recipe, table.sampling, table.test_domain) == ("paper", "paper", "paper")
+    metrics = pd.read_csv(work / "results/prediction/4.1/sub-04/slice_metrics.tsv", sep="\t")
+    with np.load(work / "results/slices/sub-04.npz") as data:
+        z = data["z"]
+    rows = metrics[metrics.z.isin(z) & (metrics.paper_pixels > 0)]
+    np.testing.assert_allclose(
+        [table.cs_mean, table.mae_mean], [rows.paper_cs.mean(), rows.paper_mae.mean()], rtol=1e-12
+    )
+    md = (work / "results/tables/table1.md").read_text()
+    assert "| paper, paper |" in md and "Test domain paper" in md
 
 
 def test_tiny_figure2_values_recomputed(tiny_run):
@@ -833,9 +884,7 @@ def totalseg_run(tmp_path_factory):
     work = copy_workflow(tmp_path_factory.mktemp("totalseg"))
     example = "tests/data/totalsegmentator_example"
     shutil.copytree(ROOT / example, work / example)
-    res = snakemake("all", "--cores", "2", "--configfile", "tests/config/totalseg.yaml", cwd=work)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return work
+    return whole_run(work, "tests/config/totalseg.yaml")
 
 
 def test_totalsegmentator_example_through_the_pipeline(totalseg_run):
