@@ -149,13 +149,16 @@ def test_checkpoint_keeps_the_model_for_prediction(tmp_path):
 
 
 def test_states_saved_before_the_model_setting_resume_as_irreversible():
+    """A state saved before `model` and `ema_decay` existed resumes under their defaults."""
     settings = TrainSettings()
-    saved = {k: v for k, v in vars(settings).items() if k != "model"}
+    saved = {k: v for k, v in vars(settings).items() if k not in ("model", "ema_decay")}
     assert stale_reason({"settings": saved, "data": "x"}, settings, "x") is None
     other = TrainSettings(model="reversible_2tc", projection=False)
     assert "model 'irreversible_2tc' -> 'reversible_2tc'" in stale_reason(
         {"settings": saved, "data": "x"}, other, "x"
     )
+    averaged = TrainSettings(ema_decay=0.99)
+    assert "ema_decay 0.0 -> 0.99" in stale_reason({"settings": saved, "data": "x"}, averaged, "x")
 
 
 def test_the_default_network_is_the_papers():
