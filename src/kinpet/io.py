@@ -90,7 +90,12 @@ def write_blood_tsv(path, input_function: InputFunction, description: str = "") 
 
 
 def read_organ_values(path) -> pd.DataFrame:
-    """Read a TSV of organ parameters (columns organ, K1, k2, k3, Vb) with checks."""
+    """Read a TSV of organ parameters (columns organ, K1, k2, k3, Vb) with checks.
+
+    Optional columns give an organ its own input (``kinpet.organinput.INPUT_COLUMNS``:
+    delay_s, dispersion_s, arterial_fraction, portal_transit_s; empty cells take the
+    arterial input's values).
+    """
     # Imported here: kinetics needs torch, which the PET-BIDS readers do not.
     from kinpet.kinetics import PARAMETER_NAMES
 
@@ -109,7 +114,30 @@ def read_organ_values(path) -> pd.DataFrame:
         raise KinpetInputError(f"{path}: organ values must be finite numbers")
     if (values.to_numpy(dtype=float) < 0).any():
         raise KinpetInputError(f"{path}: organ values must be >= 0")
+    check_organ_inputs(path, table)
     return table
+
+
+def check_organ_inputs(path, table: pd.DataFrame) -> None:
+    """Check an organ table's optional input columns (:mod:`kinpet.organinput`)."""
+    from kinpet.organinput import INPUT_COLUMNS, organ_inputs
+
+    for name in INPUT_COLUMNS:
+        if name in table.columns:
+            column = pd.to_numeric(table[name], errors="coerce")
+            bad = column.isna() & table[name].notna()
+            if bad.any():
+                organ = table["organ"][bad].iloc[0]
+                raise KinpetInputError(
+                    f"{path}: {name} of {organ} is not a number ({table[name][bad].iloc[0]!r})"
+                )
+            table[name] = column
+    for position in range(len(table)):
+        try:
+            organ_inputs(table.iloc[[position]])
+        except ValueError as err:
+            organ = table["organ"].iloc[position]
+            raise KinpetInputError(f"{path}: organ {organ}: {err}") from None
 
 
 def read_label_table(path) -> dict:

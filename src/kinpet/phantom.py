@@ -19,7 +19,7 @@ Special voxels:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ from kinpet.deformation import deform
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES
+from kinpet.organinput import OrganInput, organ_inputs
 
 # Population means (K1, k2, k3, Vb) used where the organ table has no row: those of
 # config/organ_values.tsv, sources in docs/phantom.md; muscle takes the middle of its
@@ -62,6 +63,7 @@ BLADDER_CLEARANCE_PER_MIN = 0.1
 # The organ deformation's random stream, (seed, number, 2): apart from the subject's own
 # (seed, number) and the noise's (seed, number, 1, frame).
 DEFORM_STREAM = 2
+ARTERIAL = OrganInput()
 
 
 # -- parameters ------------------------------------------------------------------------------------
@@ -132,6 +134,8 @@ class Subject:
     bladder_clearance_per_min: float
     label_map: np.ndarray | None = None  # a label map's labels [z, y, x]; None: the shapes
     anatomy: str = "procedural"  # or the label map's file name
+    # label name -> the input it sees (kinpet.organinput); absent: the arterial input
+    organ_inputs: dict = field(default_factory=dict)
 
     def input_function(self, frames: FrameSchedule) -> InputFunction:
         """The true input: Feng's model sampled every 1 s to 4 min, 10 s to 10 min, then 60 s.
@@ -150,6 +154,11 @@ class Subject:
             end_s=end,
             times_s=times,
         )
+
+    def organ_input(self, name: str) -> OrganInput:
+        """How the input label ``name`` sees differs from the arterial one (blood, the
+        bladder and organs without input columns: not at all)."""
+        return self.organ_inputs.get(name, ARTERIAL)
 
     def labels(self, z_range=None) -> np.ndarray:
         """Organ labels, int16 [z, y, x]."""
@@ -239,6 +248,9 @@ def make_subject(
     organ_values : pandas.DataFrame, optional
         Population means (columns organ, K1, k2, k3, Vb), e.g. from
         :func:`kinpet.io.read_organ_values`; labels not in it use :data:`DEFAULT_VALUES`.
+        Its optional columns delay_s, dispersion_s, arterial_fraction and
+        portal_transit_s give each organ's own input (:mod:`kinpet.organinput`); without
+        them every organ sees the arterial input.
     voxel_mm : float
         Isotropic voxel size (mm).
     input_peak_kbq_per_ml, input_delay_s : (float, float)
@@ -307,4 +319,5 @@ def make_subject(
         bladder_clearance_per_min=clearance,
         label_map=label_map,
         anatomy=source,
+        organ_inputs={n: v for n, v in organ_inputs(organ_values).items() if n in means},
     )

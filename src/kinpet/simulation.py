@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ from kinpet.anatomy import LABEL_INDEX, LABELS
 from kinpet.constants import F18_LAMBDA_PER_MIN
 from kinpet.frames import FrameSchedule
 from kinpet.kinetics import PARAMETER_NAMES, KineticModel, ki
-from kinpet.phantom import Subject, make_subject, subject_ids
+from kinpet.organinput import INPUT_COLUMNS, organ_input_function
+from kinpet.phantom import ARTERIAL, Subject, make_subject, subject_ids
 
 # Re-exported ("as"): callers of the simulation find the resource check here too.
 from kinpet.resources import SLAB_VOXELS, check_phantom_resources
@@ -44,6 +46,53 @@ FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 # gzip level of the 4D image: noisy float32 barely compresses beyond level 1, which is
 # several times faster than the default 9.
 _GZIP_LEVEL = 1
+
+
+# What each voxel's input was (kinpet.organinput), written beside the parameter truth.
+INPUT_TRUTH_NAMES = ("delay", "dispersion", "arterialfraction", "portaltransit")
+INPUT_DESCRIPTIONS = {
+    "delay_s": {
+        "Description": "Delay of the organ's input after the aortic input (blood.tsv).",
+        "Units": "s",
+    },
+    "dispersion_s": {
+        "Description": "Time constant of the exponential dispersion of the organ's input.",
+        "Units": "s",
+    },
+    "arterial_fraction": {
+        "Description": "Share of the arterial input in the organ's input (1: arterial only; "
+        "the rest is the portal vein's, the arterial input dispersed by portal_transit_s).",
+        "Units": "1",
+    },
+    "portal_transit_s": {
+        "Description": "Mean transit time of the portal-vein input through the gut.",
+        "Units": "s",
+    },
+}
+
+
+def input_groups(subject: Subject, labels: np.ndarray):
+    """(OrganInput, boolean selection) per distinct input among voxels of ``labels``."""
+    groups = {}
+    for value in np.unique(labels):
+        organ_input = subject.organ_input(LABELS[int(value)])
+        groups[organ_input] = groups.get(organ_input, False) | (labels == value)
+    return list(groups.items())
+
+
+def write_input_truth(truth_dir: Path, sid: str, seen_inputs: np.ndarray, affine) -> None:
+    """The maps of what input each voxel saw (``desc-delay_truth`` and the rest)."""
+    from kinpet import io
+
+    for name, column, values in zip(INPUT_TRUTH_NAMES, INPUT_COLUMNS, seen_inputs, strict=True):
+        path = truth_dir / f"{sid}_desc-{name}_truth.nii.gz"
+        io.write_nifti_zyx(path, values, affine)
+        description = dict(INPUT_DESCRIPTIONS[column])
+        description["Description"] += " 0 outside the body; blood sees the aortic input."
+        io.write_json(
+            path.with_name(path.name.replace(".nii.gz", ".json")),
+            {**description, "Parameter": column},
+        )
 
 
 # -- noise ----------------------------------------------------------------------------------------
@@ -217,11 +266,12 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
         d.mkdir(parents=True, exist_ok=True)
 
     inp = subject.input_function(frames)
-    model = KineticModel(inp, frames, sampling="average")
+    models = {ARTERIAL: KineticModel(inp, frames, sampling="average")}
     reference_frame = nt - 1
     slab = max(1, SLAB_VOXELS // (nx * ny))
     labels = np.zeros((nz, ny, nx), dtype=np.int16)
     truth = np.zeros((5, nz, ny, nx), dtype=np.float32)
+    seen_inputs = np.zeros((len(INPUT_TRUTH_NAMES), nz, ny, nx), dtype=np.float32)
     frame_bytes = nx * ny * nz * 4
     log(
         f"{sid}: grid {nx} x {ny} x {nz} voxels of {grid.voxel_mm} mm, {nt} frames, "
@@ -237,8 +287,14 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
             labels[z0:z1] = lab
             index, params, true_params = subject.voxel_parameters(lab, z0)
             tac = np.zeros((nt, lab.size), dtype=np.float32)
-            if index.size:
-                tac[:, index] = model(params).T
+            seen = seen_inputs[:, z0:z1].reshape(len(INPUT_TRUTH_NAMES), -1)
+            for organ_input, sel in input_groups(subject, lab.ravel()[index]):
+                if organ_input not in models:
+                    models[organ_input] = KineticModel(
+                        organ_input_function(inp, organ_input), frames, sampling="average"
+                    )
+                tac[:, index[sel]] = models[organ_input](params[sel]).T
+                seen[:, index[sel]] = np.array(astuple(organ_input), dtype=np.float32)[:, None]
             t = truth[:, z0:z1].reshape(5, -1)
             t[:4, index] = true_params.T
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -289,8 +345,12 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
             path.with_name(path.name.replace(".nii.gz", ".json")),
             {"Description": truth_notes, "Parameter": name, "Units": units[name]},
         )
-    rows = [(n, *subject.organ_params[n]) for n in sorted(subject.organ_params)]
-    table = pd.DataFrame(rows, columns=["organ", *PARAMETER_NAMES])
+    write_input_truth(truth_dir, sid, seen_inputs, grid.affine)
+    rows = [
+        (n, *subject.organ_params[n], *astuple(subject.organ_input(n)))
+        for n in sorted(subject.organ_params)
+    ]
+    table = pd.DataFrame(rows, columns=["organ", *PARAMETER_NAMES, *INPUT_COLUMNS])
     io.write_tsv(truth_dir / f"{sid}_organs.tsv", table)
     # The maps differ from these means: each organ gets a smooth within-organ field and
     # every voxel is clipped to the paper's bounds (liver k3 ~0.003 -> 0.01, for instance).
@@ -304,6 +364,7 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
         {
             "organ": {"Description": "Organ name, as in the label table (dseg.tsv)."},
             **{n: {"Description": described, "Units": units[n]} for n in PARAMETER_NAMES},
+            **INPUT_DESCRIPTIONS,
         },
     )
     io.write_blood_tsv(

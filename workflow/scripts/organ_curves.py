@@ -1,4 +1,7 @@
-"""Model curves of each organ in every sampling mode, as one long table."""
+"""Model curves of each organ in every sampling mode, as one long table.
+
+Each organ's curve uses the input it sees (the organ table's optional input columns,
+kinpet.organinput), as the phantom simulates it."""
 
 import sys
 
@@ -7,6 +10,7 @@ import pandas as pd
 from kinpet.inputfunction import InputFunction
 from kinpet.io import frames_from_spec, read_organ_values
 from kinpet.kinetics import PARAMETER_NAMES, SAMPLING_MODES, irreversible_2tc
+from kinpet.organinput import organ_input_function, organ_inputs
 from kinpet.readers import script_log
 
 script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
@@ -14,10 +18,12 @@ frames = frames_from_spec(snakemake.params.frames)  # noqa: F821
 inp = InputFunction.from_blood_tsv(snakemake.input.blood)  # noqa: F821
 organs = read_organ_values(snakemake.input.organs)  # noqa: F821
 params = organs[list(PARAMETER_NAMES)].to_numpy(dtype=float)
+seen = organ_inputs(organs)
 rows = []
 for sampling in SAMPLING_MODES:
-    curves = irreversible_2tc(params, inp, frames, sampling=sampling)
-    for organ, curve in zip(organs["organ"], curves, strict=True):
+    for organ, p in zip(organs["organ"], params, strict=True):
+        organ_input = organ_input_function(inp, seen[str(organ)])
+        curve = irreversible_2tc(p, organ_input, frames, sampling=sampling)
         rows.append(
             pd.DataFrame(
                 {
