@@ -32,6 +32,7 @@ from kinpet.anatomy import LABEL_INDEX, LABELS
 from kinpet.constants import F18_LAMBDA_PER_MIN
 from kinpet.frames import FrameSchedule
 from kinpet.kinetics import PARAMETER_NAMES, KineticModel, ki
+from kinpet.motion import Breathing, frame_average, organ_extent_mm, stretch_profile
 from kinpet.organinput import INPUT_COLUMNS, organ_input_function
 from kinpet.phantom import ARTERIAL, Subject, make_subject, subject_ids
 
@@ -216,6 +217,7 @@ def simulate_subject(
     noise_cov: float = 0.10,
     log=_log,
     threads: int = 1,
+    motion: Breathing | None = None,
 ) -> dict:
     """Simulate one subject and write its PET-BIDS files under ``root`` (see README).
 
@@ -226,6 +228,10 @@ def simulate_subject(
 
     ``threads`` sets torch's threads for the model while this runs: one per job is fastest
     when jobs run side by side (torch's thread pool spins when cores are busy).
+
+    ``motion`` (:class:`kinpet.motion.Breathing`) moves the thorax and upper abdomen in each
+    frame, averaged within the frame, before the blur and the noise; ``None`` or zero
+    amplitudes: no motion (the same bytes as without the argument).
 
     Returns
     -------
@@ -244,12 +250,30 @@ def simulate_subject(
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
-        return _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log)
+        return _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log, motion)
     finally:
         torch.set_num_threads(previous)
 
 
-def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
+def breathing_profile(labels_zyx: np.ndarray, grid, source: str) -> np.ndarray:
+    """w(z) of :func:`kinpet.motion.stretch_profile` from the labels' lungs, liver, kidneys."""
+    z_mm = grid.axis(2)
+    bounds = {
+        "lungs": organ_extent_mm(labels_zyx, LABEL_INDEX["lungs"], z_mm, "high"),
+        "liver": organ_extent_mm(labels_zyx, LABEL_INDEX["liver"], z_mm, "high"),
+        "kidneys": organ_extent_mm(labels_zyx, LABEL_INDEX["kidneys"], z_mm, "low"),
+    }
+    missing = [name for name, value in bounds.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"{source}: respiratory motion (phantom.motion) is placed by the lungs, the liver "
+            f"and the kidneys; this anatomy has no {', '.join(missing)} (set the amplitudes "
+            "to 0)"
+        )
+    return stretch_profile(z_mm, bounds["lungs"], bounds["liver"], bounds["kidneys"])
+
+
+def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log, motion=None) -> dict:
     from kinpet import io
 
     frames = FrameSchedule.paper() if frames is None else frames
@@ -304,6 +328,18 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
                 clean.write(tac[f].tobytes())
             log(f"{sid}: model slices {z0}-{z1 - 1} of {nz} ({index.size} body voxels)")
         t_model = time.perf_counter() - t_start
+        moving = motion is not None and not motion.is_still
+        profile = breathing_profile(labels, grid, subject.anatomy) if moving else None
+
+        def form(image, f):
+            """Motion (averaged over the frame), then the PSF."""
+            if moving:
+                start = frames.starts_s[f]
+                image = frame_average(
+                    image, start, start + frames.durations_s[f], motion, profile, grid.voxel_mm
+                )
+            return blur(image, fwhm_mm, grid.voxel_mm)
+
         # Blood voxels have K1 = k2 = k3 = 0 in the truth, so Ki = 0 (not NaN).
         np.nan_to_num(truth[4], copy=False)
         # The reference is the liver's mean in the blurred reference frame: the image the
@@ -311,7 +347,7 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
         clean.seek(reference_frame * frame_bytes)
         image = np.frombuffer(clean.read(frame_bytes), dtype=np.float32).reshape(nz, ny, nx)
         liver = labels == LABEL_INDEX["liver"]
-        image = blur(image, fwhm_mm, grid.voxel_mm)
+        image = form(image, reference_frame)
         reference = float(image[liver].astype(np.float64).mean()) if liver.any() else 0.0
         a = noise_scale(noise_cov, reference, frames, reference_frame) if noise_cov > 0 else 0.0
         log(f"{sid}: liver in the reference frame {reference:.3f} kBq/ml, noise a = {a:.5g}")
@@ -320,7 +356,7 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
             for f in range(nt):
                 clean.seek(f * frame_bytes)
                 image = np.frombuffer(clean.read(frame_bytes), dtype=np.float32)
-                image = blur(image.reshape(nz, ny, nx), fwhm_mm, grid.voxel_mm)
+                image = form(image.reshape(nz, ny, nx), f)
                 if a > 0:
                     rng = np.random.default_rng([subject.seed, subject.number, 1, f])
                     image = add_noise(image, a, frames, f, rng)
@@ -376,6 +412,15 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log) -> dict:
         ),
     )
     sidecar = pet_sidecar(frames, subject, fwhm_mm, noise_cov, a, reference_frame, reference)
+    if moving:
+        sidecar["PhantomRespiratoryMotion"] = {
+            "AmplitudeZmm": motion.amplitude_z_mm,
+            "AmplitudeYmm": motion.amplitude_y_mm,
+            "PeriodSeconds": motion.period_s,
+            "PhaseBins": motion.bins,
+            "Description": "Rigid-plus-stretch displacement of the thorax and upper abdomen, "
+            "averaged within each frame; labels and truth are at end-exhale (kinpet.motion).",
+        }
     io.write_json(pet_dir / f"{sid}_pet.json", sidecar)
     elapsed = time.perf_counter() - t_start
     log(f"{sid}: done in {elapsed:.1f} s (model {t_model:.1f} s, frames {t_frames:.1f} s)")

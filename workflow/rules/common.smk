@@ -243,6 +243,15 @@ def phantom_outputs():
     ]
 
 
+def phantom_motion(phantom):
+    """simulate's motion param (phantom.motion) when it moves, else none: the jobs of the
+    still phantom keep their params."""
+    motion = dict(phantom.get("motion") or {})
+    if not (motion.get("amplitude_z_mm") or motion.get("amplitude_y_mm")):
+        return {}
+    return {"motion": motion}
+
+
 def anatomy_inputs(phantom):
     """The label map's files (phantom.anatomy), as inputs of simulate: none for the
     procedural body, so that its jobs stay as they were. The label table beside the map

@@ -7,6 +7,8 @@ TRUTH_NAMES = ["K1", "k2", "k3", "Vb", "Ki"]
 ANATOMY_INPUTS = anatomy_inputs(PHANTOM)
 # phantom.deform_mm, only when on: the jobs of the geometric phantom stay as they were.
 DEFORM = {"deform_mm": PHANTOM["deform_mm"]} if PHANTOM.get("deform_mm") else {}
+# phantom.motion, only when it moves: the jobs of the still phantom stay as they were.
+MOTION = phantom_motion(PHANTOM)
 
 
 rule phantom_dataset:
@@ -48,6 +50,7 @@ rule simulate:
     # count is not a parameter: adding subjects leaves the simulated ones alone.
     params:
         **DEFORM,
+        **MOTION,
         seed=PHANTOM["seed"],
         size=PHANTOM["size"],
         voxel_mm=PHANTOM["voxel_mm"],

@@ -6,6 +6,7 @@ from pathlib import Path
 from kinpet import phantom, simulation
 from kinpet.io import frames_from_spec, read_organ_values
 from kinpet.labelmap import read_label_anatomy
+from kinpet.motion import Breathing
 from kinpet.readers import script_log
 
 script_log(snakemake.log[0])  # noqa: F821 (stderr to the log; bad input: one line)
@@ -47,5 +48,6 @@ summary = simulation.simulate_subject(
     fwhm_mm=cfg.fwhm_mm,
     noise_cov=cfg.noise_cov,
     threads=snakemake.threads,  # noqa: F821
+    motion=Breathing(**cfg.motion) if "motion" in cfg.keys() else None,
 )
 print(summary, file=sys.stderr)
