@@ -16,6 +16,7 @@ from kinpet.io import read_organ_values
 from kinpet.motion import (
     Breathing,
     bin_states,
+    breathing_profile,
     breathing_state,
     displaced,
     frame_average,
@@ -103,7 +104,7 @@ def test_amplitude_zero_is_byte_identical_and_motion_moves_the_liver(tmp_path):
     moving, _, _ = simulate(tmp_path / "on", motion)
     # A late frame (300 s, x y z t): the moving image is the frame average of the still one.
     labels_zyx = np.transpose(labels, (2, 1, 0))
-    profile = simulation.breathing_profile(labels_zyx, sub.grid, "tiny")
+    profile = breathing_profile(labels_zyx, sub.grid.axis(2), "tiny")
     frame = np.transpose(still[..., -1], (2, 1, 0))
     frames = simulation.FrameSchedule.paper()
     expected = frame_average(

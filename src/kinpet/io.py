@@ -132,12 +132,10 @@ def check_organ_inputs(path, table: pd.DataFrame) -> None:
                     f"{path}: {name} of {organ} is not a number ({table[name][bad].iloc[0]!r})"
                 )
             table[name] = column
-    for position in range(len(table)):
-        try:
-            organ_inputs(table.iloc[[position]])
-        except ValueError as err:
-            organ = table["organ"].iloc[position]
-            raise KinpetInputError(f"{path}: organ {organ}: {err}") from None
+    try:
+        organ_inputs(table)
+    except ValueError as err:
+        raise KinpetInputError(f"{path}: {err}") from None
 
 
 def read_label_table(path) -> dict:

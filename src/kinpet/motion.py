@@ -1,4 +1,4 @@
-"""Respiratory motion of the phantom, averaged within each frame (docs/phantom.md, "Motion").
+"""Respiratory motion of the phantom, averaged within each frame (docs/phantom.md).
 
 Breathing moves the thorax and upper abdomen along z (head-feet) and y (anterior-posterior).
 At breathing state s in [0, 1] (0: end-exhale, the position of the labels and the truth)
@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from kinpet.anatomy import LABEL_INDEX
 
 PHASE_BINS = 8
 
@@ -102,6 +104,27 @@ def organ_extent_mm(labels_zyx: np.ndarray, label: int, z_mm: np.ndarray, which:
     if slices.size == 0:
         return None
     return float(z_mm[slices[0]] if which == "low" else z_mm[slices[-1]])
+
+
+def breathing_profile(labels_zyx: np.ndarray, z_mm: np.ndarray, source: str) -> np.ndarray:
+    """w(z) of :func:`stretch_profile` from the labels' lungs, liver and kidneys.
+
+    ``z_mm`` is the z coordinate of each axial slice; ``source`` names the anatomy in the
+    error when one of the three organs is missing.
+    """
+    bounds = {
+        "lungs": organ_extent_mm(labels_zyx, LABEL_INDEX["lungs"], z_mm, "high"),
+        "liver": organ_extent_mm(labels_zyx, LABEL_INDEX["liver"], z_mm, "high"),
+        "kidneys": organ_extent_mm(labels_zyx, LABEL_INDEX["kidneys"], z_mm, "low"),
+    }
+    missing = [name for name, value in bounds.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"{source}: respiratory motion (phantom.motion) is placed by the lungs, the liver "
+            f"and the kidneys; this anatomy has no {', '.join(missing)} (set the amplitudes "
+            "to 0)"
+        )
+    return stretch_profile(z_mm, bounds["lungs"], bounds["liver"], bounds["kidneys"])
 
 
 def _shifted(plane: np.ndarray, k: int) -> np.ndarray:

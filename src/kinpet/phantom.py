@@ -160,6 +160,14 @@ class Subject:
         bladder and organs without input columns: not at all)."""
         return self.organ_inputs.get(name, ARTERIAL)
 
+    def input_groups(self, labels: np.ndarray) -> list:
+        """(OrganInput, boolean selection) per distinct input among voxels of ``labels``."""
+        groups = {}
+        for value in np.unique(labels):
+            organ_input = self.organ_input(LABELS[int(value)])
+            groups[organ_input] = groups.get(organ_input, False) | (labels == value)
+        return list(groups.items())
+
     def labels(self, z_range=None) -> np.ndarray:
         """Organ labels, int16 [z, y, x]."""
         if self.label_map is not None:

@@ -32,8 +32,8 @@ from kinpet.anatomy import LABEL_INDEX, LABELS
 from kinpet.constants import F18_LAMBDA_PER_MIN
 from kinpet.frames import FrameSchedule
 from kinpet.kinetics import PARAMETER_NAMES, KineticModel, ki
-from kinpet.motion import Breathing, frame_average, organ_extent_mm, stretch_profile
-from kinpet.organinput import INPUT_COLUMNS, organ_input_function
+from kinpet.motion import Breathing, breathing_profile, frame_average
+from kinpet.organinput import INPUT_COLUMNS, INPUT_DESCRIPTIONS, organ_input_function
 from kinpet.phantom import ARTERIAL, Subject, make_subject, subject_ids
 
 # Re-exported ("as"): callers of the simulation find the resource check here too.
@@ -51,34 +51,6 @@ _GZIP_LEVEL = 1
 
 # What each voxel's input was (kinpet.organinput), written beside the parameter truth.
 INPUT_TRUTH_NAMES = ("delay", "dispersion", "arterialfraction", "portaltransit")
-INPUT_DESCRIPTIONS = {
-    "delay_s": {
-        "Description": "Delay of the organ's input after the aortic input (blood.tsv).",
-        "Units": "s",
-    },
-    "dispersion_s": {
-        "Description": "Time constant of the exponential dispersion of the organ's input.",
-        "Units": "s",
-    },
-    "arterial_fraction": {
-        "Description": "Share of the arterial input in the organ's input (1: arterial only; "
-        "the rest is the portal vein's, the arterial input dispersed by portal_transit_s).",
-        "Units": "1",
-    },
-    "portal_transit_s": {
-        "Description": "Mean transit time of the portal-vein input through the gut.",
-        "Units": "s",
-    },
-}
-
-
-def input_groups(subject: Subject, labels: np.ndarray):
-    """(OrganInput, boolean selection) per distinct input among voxels of ``labels``."""
-    groups = {}
-    for value in np.unique(labels):
-        organ_input = subject.organ_input(LABELS[int(value)])
-        groups[organ_input] = groups.get(organ_input, False) | (labels == value)
-    return list(groups.items())
 
 
 def write_input_truth(truth_dir: Path, sid: str, seen_inputs: np.ndarray, affine) -> None:
@@ -255,24 +227,6 @@ def simulate_subject(
         torch.set_num_threads(previous)
 
 
-def breathing_profile(labels_zyx: np.ndarray, grid, source: str) -> np.ndarray:
-    """w(z) of :func:`kinpet.motion.stretch_profile` from the labels' lungs, liver, kidneys."""
-    z_mm = grid.axis(2)
-    bounds = {
-        "lungs": organ_extent_mm(labels_zyx, LABEL_INDEX["lungs"], z_mm, "high"),
-        "liver": organ_extent_mm(labels_zyx, LABEL_INDEX["liver"], z_mm, "high"),
-        "kidneys": organ_extent_mm(labels_zyx, LABEL_INDEX["kidneys"], z_mm, "low"),
-    }
-    missing = [name for name, value in bounds.items() if value is None]
-    if missing:
-        raise ValueError(
-            f"{source}: respiratory motion (phantom.motion) is placed by the lungs, the liver "
-            f"and the kidneys; this anatomy has no {', '.join(missing)} (set the amplitudes "
-            "to 0)"
-        )
-    return stretch_profile(z_mm, bounds["lungs"], bounds["liver"], bounds["kidneys"])
-
-
 def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log, motion=None) -> dict:
     from kinpet import io
 
@@ -312,7 +266,7 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log, motion=Non
             index, params, true_params = subject.voxel_parameters(lab, z0)
             tac = np.zeros((nt, lab.size), dtype=np.float32)
             seen = seen_inputs[:, z0:z1].reshape(len(INPUT_TRUTH_NAMES), -1)
-            for organ_input, sel in input_groups(subject, lab.ravel()[index]):
+            for organ_input, sel in subject.input_groups(lab.ravel()[index]):
                 if organ_input not in models:
                     models[organ_input] = KineticModel(
                         organ_input_function(inp, organ_input), frames, sampling="average"
@@ -329,7 +283,7 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log, motion=Non
             log(f"{sid}: model slices {z0}-{z1 - 1} of {nz} ({index.size} body voxels)")
         t_model = time.perf_counter() - t_start
         moving = motion is not None and not motion.is_still
-        profile = breathing_profile(labels, grid, subject.anatomy) if moving else None
+        profile = breathing_profile(labels, grid.axis(2), subject.anatomy) if moving else None
 
         def form(image, f):
             """Motion (averaged over the frame), then the PSF."""

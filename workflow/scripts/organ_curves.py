@@ -18,12 +18,11 @@ frames = frames_from_spec(snakemake.params.frames)  # noqa: F821
 inp = InputFunction.from_blood_tsv(snakemake.input.blood)  # noqa: F821
 organs = read_organ_values(snakemake.input.organs)  # noqa: F821
 params = organs[list(PARAMETER_NAMES)].to_numpy(dtype=float)
-seen = organ_inputs(organs)
+seen = {name: organ_input_function(inp, i) for name, i in organ_inputs(organs).items()}
 rows = []
 for sampling in SAMPLING_MODES:
     for organ, p in zip(organs["organ"], params, strict=True):
-        organ_input = organ_input_function(inp, seen[str(organ)])
-        curve = irreversible_2tc(p, organ_input, frames, sampling=sampling)
+        curve = irreversible_2tc(p, seen[str(organ)], frames, sampling=sampling)
         rows.append(
             pd.DataFrame(
                 {
