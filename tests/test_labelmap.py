@@ -11,6 +11,7 @@ import pytest
 
 from kinpet import anatomy, labelmap, phantom, simulation
 from kinpet.io import read_label_table, read_organ_values
+from kinpet.motion import Breathing
 from kinpet.preprocessing import canonical_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +229,17 @@ def test_no_liver_and_noise_is_refused(tmp_path):
     sub = phantom.make_subject("sub-01", voxel_mm=4.0, anatomy=got)
     with pytest.raises(ValueError, match="seg.nii.gz: the label map has no liver"):
         simulation.simulate_subject(sub, tmp_path / "bids", noise_cov=0.1)
+
+
+def test_a_cardiac_blur_without_a_heart_is_refused(tmp_path):
+    path = write_label_map(tmp_path / "seg.nii.gz", box_labels(), {1: "body", 2: "liver"})
+    got = labelmap.read_label_anatomy(path, 4.0, CLASSES)
+    sub = phantom.make_subject("sub-01", voxel_mm=4.0, anatomy=got)
+    with pytest.raises(ValueError, match="seg.nii.gz: the label map has no heart for the cardiac"):
+        simulation.simulate_subject(
+            sub, tmp_path / "bids", noise_cov=0.0, motion=Breathing(cardiac_fwhm_mm=8.0)
+        )
+    assert not (tmp_path / "bids").exists()  # refused before anything is written
 
 
 def test_command_line_simulates_the_example(tmp_path, capsys):

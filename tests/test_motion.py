@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy.integrate import quad
-from scipy.ndimage import map_coordinates, shift
+from scipy.ndimage import gaussian_filter, map_coordinates, shift
 
 from kinpet import anatomy, phantom, simulation
 from kinpet.io import read_organ_values
@@ -18,8 +18,11 @@ from kinpet.motion import (
     bin_states,
     breathing_profile,
     breathing_state,
+    cardiac_blur,
     displaced,
     frame_average,
+    frame_states,
+    heart_mask,
     phase_weights,
     stretch_profile,
 )
@@ -83,6 +86,8 @@ def test_breathing_settings_are_checked():
         Breathing(amplitude_z_mm=10, period_s=0)
     with pytest.raises(ValueError, match="bins"):
         Breathing(bins=1)
+    with pytest.raises(ValueError, match="cardiac_fwhm_mm"):
+        Breathing(cardiac_fwhm_mm=-1.0)
 
 
 def simulate(root, motion):
@@ -120,3 +125,64 @@ def test_amplitude_zero_is_byte_identical_and_motion_moves_the_liver(tmp_path):
     np.testing.assert_array_equal(moving[bladder], still[bladder])
     sidecar = (tmp_path / "on/sub-01/pet/sub-01_pet.json").read_text()
     assert '"AmplitudeZmm": 12.0' in sidecar
+
+
+def test_frame_states_against_a_fine_time_grid():
+    """The motion trace of the phantom figure: each frame's mean state equals the mean,
+    over a fine time grid, of the state of the phase bin each instant falls in; frames of
+    whole cycles (and the 2-s frames, half a 4-s cycle) record the cycle mean, 0.5."""
+    breathing = Breathing(12.0, 5.0, 4.0, 8)
+    starts = np.array([0.0, 0.3, 2.0, 7.1, 60.0])
+    durations = np.array([0.5, 1.7, 2.0, 0.9, 300.0])
+    got = frame_states(starts, durations, breathing)
+    states = bin_states(4.0, 8)
+    for t0, d, value in zip(starts, durations, got, strict=True):
+        t = t0 + (np.arange(200_000) + 0.5) / 200_000 * d
+        bins = np.floor((t / 4.0 % 1.0) * 8).astype(int)
+        assert value == pytest.approx(states[bins].mean(), abs=1e-4)
+    assert got[2] == pytest.approx(0.5, abs=1e-12)
+    assert got[4] == pytest.approx(0.5, abs=1e-12)
+
+
+def test_cardiac_blur_spreads_only_the_heart_and_keeps_its_activity():
+    """The heart part, blurred by scipy's Gaussian by hand, plus the untouched rest; the
+    total activity is kept (the heart lies away from the edges); vessels outside the heart's
+    box do not beat."""
+    labels = np.full((30, 30, 30), anatomy.LABEL_INDEX["body"], dtype=np.int16)
+    labels[13:17, 13:17, 13:17] = anatomy.LABEL_INDEX["heart"]
+    labels[14:16, 14:16, 14:16] = anatomy.LABEL_INDEX["heart_blood"]  # a chamber
+    labels[2, 2, :] = anatomy.LABEL_INDEX["heart_blood"]  # a vein far from the heart
+    heart = heart_mask(labels)
+    assert heart.sum() == 4**3 and not heart[2, 2, :].any()
+    image = np.where(labels == anatomy.LABEL_INDEX["body"], 1.0, 5.0).astype(np.float32)
+    out = cardiac_blur(image, heart, fwhm_mm=6.0, voxel_mm=1.5)
+    part = np.where(heart, image, 0.0)
+    sigma = 6.0 / (2 * np.sqrt(2 * np.log(2))) / 1.5
+    expected = image - part + gaussian_filter(part, sigma, mode="constant")
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert out.sum() == pytest.approx(image.sum(), rel=1e-6)
+    assert out[heart].mean() < image[heart].mean()  # the beat smears the wall outwards
+    # scipy truncates the kernel at 4 sigma (7 voxels here): beyond it, nothing changes
+    np.testing.assert_array_equal(out[:, :, :5], image[:, :, :5])
+    assert cardiac_blur(image, heart, 0.0, 1.5) is image
+
+
+def test_cardiac_blur_alone_in_the_simulation(tmp_path):
+    """Cardiac blur without breathing: each frame is the still frame with the heart spread
+    (kinpet.motion.cardiac_blur by hand), and the sidecar records it."""
+    still, labels, _ = simulate(tmp_path / "off", None)
+    beating, _, _ = simulate(tmp_path / "beat", Breathing(cardiac_fwhm_mm=8.0))
+    labels_zyx = np.transpose(labels, (2, 1, 0))
+    frame = np.transpose(still[..., -1], (2, 1, 0))
+    expected = cardiac_blur(
+        frame,
+        heart_mask(labels_zyx),
+        8.0,
+        phantom.make_subject("sub-01", seed=3, size="tiny", organ_values=ORGANS).grid.voxel_mm,
+    )
+    np.testing.assert_allclose(
+        np.transpose(beating[..., -1], (2, 1, 0)), expected, rtol=1e-5, atol=1e-5
+    )
+    assert not np.array_equal(beating, still)
+    sidecar = (tmp_path / "beat/sub-01/pet/sub-01_pet.json").read_text()
+    assert '"CardiacBlurFWHMmm": 8.0' in sidecar

@@ -14,9 +14,9 @@ import yaml
 from snakemake.common.configfile import load_configfile
 from test_pipeline import copy_workflow, snakemake
 
-from kinpet.evaluation import EvaluationError, domain_slice_metrics
+from kinpet.evaluation import EvaluationError, domain_slice_metrics, organ_slice_cs
 from kinpet.frames import FrameSchedule
-from kinpet.metrics import activity_mask, domain_mask, tac_metrics
+from kinpet.metrics import activity_mask, domain_mask, slice_metrics, tac_metrics
 from kinpet.settings import TrainSettings, settings_from_config
 
 FRAMES = FrameSchedule.paper()
@@ -35,6 +35,55 @@ def one_slice():
     shape = np.linspace(0.0, 5.0, len(FRAMES))  # kBq/ml; area ~160 x level over 65 min
     tacs = shape[:, None, None] * level[None]  # [T, X, Y]
     return tacs, labels
+
+
+def test_slice_metrics_against_numpy():
+    """Per-slice CS and MAE of a volume (kinpet.metrics.slice_metrics, what predict and
+    Fig. 3 score) equal numpy's cosine and absolute error over each slice's mask, in both
+    domains; a slice outside the paper's z gets no paper pixels."""
+    tacs, labels = one_slice()
+    rng = np.random.default_rng(3)
+    pet = np.stack([tacs * (1 + 0.3 * z) for z in range(3)], axis=-1)  # [T, X, Y, Z]
+    pet = np.transpose(pet, (1, 2, 3, 0)) + rng.uniform(0, 0.2, (6, 5, 3, len(FRAMES)))
+    model = pet * rng.uniform(0.5, 1.5, pet.shape)
+    vol_labels = np.repeat(labels[..., None], 3, axis=-1)
+    window = ((1, 6), (2, 7))
+    called = []
+
+    def curves(z):
+        called.append(z)
+        return model[:, :, z]
+
+    out = slice_metrics(pet, curves, vol_labels, FRAMES, paper=(window, {0, 2}))
+    assert list(out) == ["z", "pixels", "cs", "mae", "paper_pixels", "paper_cs", "paper_mae"]
+    for z in range(3):
+        for prefix, domain in (("", "kinpet"), ("paper_", "paper")):
+            mask = domain_mask(
+                pet[:, :, z].T[None].swapaxes(-1, -2), FRAMES, labels[None], domain, window=window
+            )[0]
+            if prefix and z == 1:
+                assert out["paper_pixels"][1] == 0 and np.isnan(out["paper_cs"][1])
+                continue
+            m, p = pet[:, :, z][mask], model[:, :, z][mask]  # [pixels, T]
+            cos = (m * p).sum(1) / np.linalg.norm(m, axis=1) / np.linalg.norm(p, axis=1)
+            assert out[f"{prefix}pixels"][z] == mask.sum() > 0
+            assert out[f"{prefix}cs"][z] == pytest.approx(cos.mean(), rel=1e-12)
+            assert out[f"{prefix}mae"][z] == pytest.approx(np.abs(m - p).mean(), rel=1e-12)
+    assert called == [0, 1, 2]  # once per scored slice, for both domains
+
+
+def test_organ_slice_cs():
+    """The mean CS over an organ's slices skips slices without pixels and NaN."""
+    extents = pd.DataFrame({"organ": ["a", "b"], "z0": [0, 2], "z1": [1, 4]})
+    table = pd.DataFrame(
+        {"z": range(5), "pixels": [3, 3, 0, 4, 4], "cs": [0.9, 0.8, 0.1, np.nan, 0.6]}
+    )
+    other = table.assign(cs=[0.5, 0.5, 0.5, 0.5, 0.5])
+    out = organ_slice_cs(extents, {"network": table, "fast": other})
+    assert list(out.columns) == ["organ", "z0", "z1", "slices", "network", "fast"]
+    assert out["network"].tolist() == pytest.approx([0.85, 0.6])
+    assert out["slices"].tolist() == [2, 1]
+    assert out["fast"].tolist() == pytest.approx([0.5, 0.5])
 
 
 def test_domain_masks():

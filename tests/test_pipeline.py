@@ -663,6 +663,21 @@ def test_tiny_figures_are_images(tiny_run):
         assert (figures / f"{name}.pdf").read_bytes()[:4] == b"%PDF", name
 
 
+def test_tiny_figure3_organ_table(tiny_run):
+    """Fig. 3a's organ summary: each organ's slices from the label map, and the mean CS of
+    the network and of the fast fit over them, equal to the per-slice table's mean."""
+    table = pd.read_csv(tiny_run / "results/tables/figure3_organ_cs.csv")
+    assert list(table.columns) == ["organ", "z0", "z1", "slices", "network", "fast"]
+    assert {"liver", "kidneys", "lungs"} <= set(table.organ)
+    assert ((table.slices <= table.z1 - table.z0 + 1) & (table.slices > 0)).all()
+    metrics = pd.read_csv(tiny_run / "results/prediction/4.1/sub-04/slice_metrics.tsv", sep="\t")
+    liver = table.set_index("organ").loc["liver"]
+    inside = metrics[metrics.z.between(liver.z0, liver.z1) & (metrics.pixels > 0)]
+    assert liver.network == pytest.approx(inside.cs.mean(), abs=1e-4)  # 4 decimals written
+    # A fit of each voxel's own curve scores close to the data's noise ceiling, > 0.5
+    assert ((table.fast > 0.5) & (table.fast <= 1)).all()
+
+
 def test_tiny_report(tiny_run):
     """`snakemake --report` collects every figure and table into one HTML file."""
     res = snakemake(
@@ -680,6 +695,7 @@ def test_tiny_report(tiny_run):
         "organ_values.csv",
         "truth_recovery.png",
         "smoothness.csv",
+        "figure3_organ_cs.csv",
     ):
         assert name in html, name
 

@@ -12,6 +12,9 @@ PARAMETER_UNITS = ("ml/cm3/min", "1/min", "1/min", "1")
 PAPER_LOWER = (0.01, 0.01, 0.01, 0.0)
 PAPER_UPPER = (2.0, 3.0, 1.0, 1.0)
 
+# A Gaussian's standard deviation per unit of its full width at half maximum.
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
 # F-18 half-life (min), as in NIST's table of radionuclide half-lives (109.77 min).
 F18_HALF_LIFE_MIN = 109.771
 F18_LAMBDA_PER_MIN = math.log(2.0) / F18_HALF_LIFE_MIN

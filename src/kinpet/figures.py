@@ -189,6 +189,7 @@ def cs_profile_figure(
     extents: pd.DataFrame,
     coronal: Mapping[str, np.ndarray],
     subject: str = "",
+    fit: tuple[str, pd.DataFrame] | None = None,
 ) -> Figure:
     """Fig. 3: (a) cosine similarity per axial slice along the body axis, organ extents
     shaded; (b-e) one coronal plane of each parameter map, head up, on the same axis.
@@ -203,6 +204,8 @@ def cs_profile_figure(
         ``organ, z0, z1`` (slice indices, inclusive) of the shaded organs.
     coronal : mapping
         Parameter name -> coronal plane ``[x, z]``.
+    fit : (name, DataFrame), optional
+        A voxel-wise fit's ``z, pixels, cs`` on the same slices, drawn beside the network's.
     """
     sns.set_theme(style="ticks", context="paper")
     names = list(coronal)
@@ -231,7 +234,11 @@ def cs_profile_figure(
             linewidth=0,
             label=organ["organ"],
         )
-    ax.plot(rows["cs"], rows["z"] * voxel_mm, "-", color="k", linewidth=1.2, label="CS")
+    ax.plot(rows["cs"], rows["z"] * voxel_mm, "-", color="k", linewidth=1.2, label="network")
+    if fit is not None:
+        name, table = fit
+        shown = table[(table["pixels"] > 0) & np.isfinite(table["cs"])]
+        ax.plot(shown["cs"], shown["z"] * voxel_mm, "--", color="C1", linewidth=1.0, label=name)
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("position along the body axis (mm, inferior to superior)")
     ax.set_title(f"(a) {subject}".strip())

@@ -114,3 +114,57 @@ def tac_metrics(measured, predicted, mask):
     cs = (cos * k).sum(dim=(1, 2)) / n
     mae = ((m - p).abs() * k[:, None]).sum(dim=(1, 2, 3)) / (n * m.shape[1])
     return cs.cpu().numpy(), mae.cpu().numpy()
+
+
+def slice_metrics(pet, curves, labels, frames, threshold=10.0, auc_times="mid", paper=None):
+    """CS and MAE of model curves against a measured volume, per axial slice.
+
+    Parameters
+    ----------
+    pet : ndarray, shape [X, Y, Z, T]
+        Measured frame values (kBq/ml).
+    curves : callable
+        ``curves(z)`` -> model frame values of slice ``z``, shape [X, Y, T]; called only for
+        slices with scored pixels.
+    labels : ndarray of int, shape [X, Y, Z]
+        0 outside the body.
+    frames : FrameSchedule
+    threshold, auc_times
+        Of :func:`activity_mask`.
+    paper : (window, z), optional
+        Also score the published test's domain (columns ``paper_pixels, paper_cs,
+        paper_mae``): the crop ``window`` ((x0, x1), (y0, y1)) of the slices in ``z``.
+
+    Returns
+    -------
+    dict of 1-D arrays over z: ``z, pixels, cs, mae`` (kinpet's domain: whole plane, body
+    pixels), and the ``paper_`` columns when ``paper`` is given; NaN where no pixel counts.
+    """
+    n_z = pet.shape[2]
+    prefixes = ["", "paper_"] if paper is not None else [""]
+    out = {"z": np.arange(n_z)}
+    for prefix in prefixes:
+        out[f"{prefix}pixels"] = np.zeros(n_z, dtype=int)
+        out[f"{prefix}cs"] = np.full(n_z, np.nan)
+        out[f"{prefix}mae"] = np.full(n_z, np.nan)
+    for z in range(n_z):
+        measured = np.transpose(pet[:, :, z, :], (2, 0, 1))[None]  # [1, T, X, Y]
+        plane = labels[None, :, :, z]
+        masks = {"": domain_mask(measured, frames, plane, "kinpet", threshold, auc_times)}
+        if paper is not None:
+            window, paper_z = paper
+            masks["paper_"] = (
+                domain_mask(measured, frames, plane, "paper", threshold, auc_times, window)
+                if z in paper_z
+                else np.zeros_like(masks[""])
+            )
+        predicted = None
+        for prefix, mask in masks.items():
+            out[f"{prefix}pixels"][z] = int(mask.sum())
+            if not mask.any():
+                continue
+            if predicted is None:
+                predicted = np.transpose(curves(z), (2, 0, 1))[None]
+            cs, mae = tac_metrics(measured, predicted, mask)
+            out[f"{prefix}cs"][z], out[f"{prefix}mae"][z] = cs[0], mae[0]
+    return out

@@ -24,8 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from kinpet.anatomy import LABEL_INDEX
+from kinpet.constants import FWHM_TO_SIGMA
 
 PHASE_BINS = 8
 
@@ -43,26 +45,40 @@ class Breathing:
         Length of one breathing cycle (s).
     bins : int
         Phase bins of the cycle that each frame's average is made of.
+    cardiac_fwhm_mm : float
+        Heartbeat: the heart's activity (myocardium and the blood pools within its extent)
+        spread by a Gaussian of this FWHM (mm) in every frame, the frame average of its
+        beating (every frame, 2 s or longer, spans a beat); 0: none.
     """
 
     amplitude_z_mm: float = 0.0
     amplitude_y_mm: float = 0.0
     period_s: float = 4.0
     bins: int = PHASE_BINS
+    cardiac_fwhm_mm: float = 0.0
 
     def __post_init__(self):
-        for name in ("amplitude_z_mm", "amplitude_y_mm", "period_s"):
+        for name in ("amplitude_z_mm", "amplitude_y_mm", "period_s", "cardiac_fwhm_mm"):
             if not np.isfinite(getattr(self, name)):
                 raise ValueError(f"phantom motion {name} must be a finite number")
+        if self.cardiac_fwhm_mm < 0:
+            raise ValueError(
+                f"phantom motion cardiac_fwhm_mm must be >= 0 mm, not {self.cardiac_fwhm_mm}"
+            )
         if self.period_s <= 0:
             raise ValueError(f"phantom motion period_s must be > 0 s, not {self.period_s}")
         if int(self.bins) != self.bins or self.bins < 2:
             raise ValueError(f"phantom motion bins must be an integer >= 2, not {self.bins}")
 
     @property
+    def breathes(self) -> bool:
+        """Respiratory motion: an amplitude other than 0."""
+        return self.amplitude_z_mm != 0.0 or self.amplitude_y_mm != 0.0
+
+    @property
     def is_still(self) -> bool:
-        """No motion: both amplitudes 0."""
-        return self.amplitude_z_mm == 0.0 and self.amplitude_y_mm == 0.0
+        """No motion: both amplitudes 0 and no cardiac blur."""
+        return not self.breathes and self.cardiac_fwhm_mm == 0.0
 
 
 def breathing_state(t_s, period_s: float) -> np.ndarray:
@@ -179,7 +195,7 @@ def frame_average(
 
     ``profile`` is w(z) per axial slice (:func:`stretch_profile`).
     """
-    if breathing.is_still:
+    if not breathing.breathes:
         return image_zyx
     weights = phase_weights(start_s, end_s, breathing.period_s, breathing.bins)
     states = bin_states(breathing.period_s, breathing.bins)
@@ -192,3 +208,39 @@ def frame_average(
         dy = -state * profile * breathing.amplitude_y_mm / voxel_mm
         out += weight * displaced(image_zyx, dz, dy)
     return out.astype(image_zyx.dtype)
+
+
+def frame_states(starts_s, durations_s, breathing: Breathing) -> np.ndarray:
+    """The mean breathing state each frame records (0: still at end-exhale, 1: at
+    end-inhale), as the simulation weighs the phase bins: the motion trace of a frame."""
+    states = bin_states(breathing.period_s, breathing.bins)
+    return np.array(
+        [
+            phase_weights(t0, t0 + d, breathing.period_s, breathing.bins) @ states
+            for t0, d in zip(starts_s, durations_s, strict=True)
+        ]
+    )
+
+
+def heart_mask(labels_zyx: np.ndarray) -> np.ndarray:
+    """The beating heart: its myocardium and the blood pools within the heart's bounding box
+    (its chambers; the vessels beyond stay still)."""
+    heart = labels_zyx == LABEL_INDEX["heart"]
+    if not heart.any():
+        return heart
+    box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(heart))
+    pools = np.zeros_like(heart)
+    pools[box] = labels_zyx[box] == LABEL_INDEX["heart_blood"]
+    return heart | pools
+
+
+def cardiac_blur(image_zyx: np.ndarray, heart: np.ndarray, fwhm_mm: float, voxel_mm: float):
+    """The frame's image with the heart's activity spread by a Gaussian of ``fwhm_mm``: the
+    time average of a beating heart, its activity kept (the spread part may leave the mask:
+    the beat moves it there); the rest of the image unchanged."""
+    if fwhm_mm == 0.0 or not heart.any():
+        return image_zyx
+    part = np.where(heart, image_zyx, 0.0).astype(np.float64)
+    sigma = fwhm_mm * FWHM_TO_SIGMA / voxel_mm
+    spread = gaussian_filter(part, sigma=sigma, mode="constant")
+    return (image_zyx - part + spread).astype(image_zyx.dtype)

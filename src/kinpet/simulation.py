@@ -29,10 +29,10 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from kinpet.anatomy import LABEL_INDEX, LABELS
-from kinpet.constants import F18_LAMBDA_PER_MIN
+from kinpet.constants import F18_LAMBDA_PER_MIN, FWHM_TO_SIGMA
 from kinpet.frames import FrameSchedule
 from kinpet.kinetics import PARAMETER_NAMES, KineticModel, ki
-from kinpet.motion import Breathing, breathing_profile, frame_average
+from kinpet.motion import Breathing, breathing_profile, cardiac_blur, frame_average, heart_mask
 from kinpet.organinput import INPUT_COLUMNS, INPUT_DESCRIPTIONS, organ_input_function
 from kinpet.phantom import ARTERIAL, Subject, make_subject, subject_ids
 
@@ -43,7 +43,6 @@ from kinpet.resources import available_memory as available_memory
 from kinpet.resources import simulation_needs as simulation_needs
 
 TRUTH_NAMES = (*PARAMETER_NAMES, "Ki")
-FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 # gzip level of the 4D image: noisy float32 barely compresses beyond level 1, which is
 # several times faster than the default 9.
 _GZIP_LEVEL = 1
@@ -177,6 +176,22 @@ def check_noise_reference(subject: Subject, noise_cov: float) -> None:
             )
 
 
+def check_heart(subject: Subject, motion: Breathing | None) -> None:
+    """Refuse a cardiac blur on a label map without a heart: nothing would beat, silently.
+
+    The procedural body always has one.
+    """
+    from kinpet.io import KinpetInputError
+
+    if motion is not None and motion.cardiac_fwhm_mm > 0 and subject.label_map is not None:
+        if not (subject.label_map == LABEL_INDEX["heart"]).any():
+            raise KinpetInputError(
+                f"{subject.anatomy}: the label map has no heart for the cardiac blur "
+                f"(phantom.motion.cardiac_fwhm_mm = {motion.cardiac_fwhm_mm}); set it to 0 "
+                "or use a label map with the heart"
+            )
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -219,6 +234,7 @@ def simulate_subject(
     frames = FrameSchedule.paper() if frames is None else frames
     check_simulation_resources(subject, len(frames), root)
     check_noise_reference(subject, noise_cov)
+    check_heart(subject, motion)
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
@@ -283,15 +299,19 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log, motion=Non
             log(f"{sid}: model slices {z0}-{z1 - 1} of {nz} ({index.size} body voxels)")
         t_model = time.perf_counter() - t_start
         moving = motion is not None and not motion.is_still
-        profile = breathing_profile(labels, grid.axis(2), subject.anatomy) if moving else None
+        breathes = moving and motion.breathes
+        profile = breathing_profile(labels, grid.axis(2), subject.anatomy) if breathes else None
+        heart = heart_mask(labels) if moving and motion.cardiac_fwhm_mm > 0 else None
 
         def form(image, f):
-            """Motion (averaged over the frame), then the PSF."""
-            if moving:
+            """Motion (averaged over the frame: breathing, then the heartbeat), then the PSF."""
+            if breathes:
                 start = frames.starts_s[f]
                 image = frame_average(
                     image, start, start + frames.durations_s[f], motion, profile, grid.voxel_mm
                 )
+            if heart is not None:
+                image = cardiac_blur(image, heart, motion.cardiac_fwhm_mm, grid.voxel_mm)
             return blur(image, fwhm_mm, grid.voxel_mm)
 
         # Blood voxels have K1 = k2 = k3 = 0 in the truth, so Ki = 0 (not NaN).
@@ -372,8 +392,10 @@ def _simulate_subject(subject, root, frames, fwhm_mm, noise_cov, log, motion=Non
             "AmplitudeYmm": motion.amplitude_y_mm,
             "PeriodSeconds": motion.period_s,
             "PhaseBins": motion.bins,
+            "CardiacBlurFWHMmm": motion.cardiac_fwhm_mm,
             "Description": "Rigid-plus-stretch displacement of the thorax and upper abdomen, "
-            "averaged within each frame; labels and truth are at end-exhale (kinpet.motion).",
+            "averaged within each frame, and the heart's activity spread by a Gaussian "
+            "(CardiacBlurFWHMmm, 0: none); labels and truth are at end-exhale (kinpet.motion).",
         }
     io.write_json(pet_dir / f"{sid}_pet.json", sidecar)
     elapsed = time.perf_counter() - t_start

@@ -245,10 +245,17 @@ def phantom_outputs():
 
 def phantom_motion(phantom):
     """simulate's motion param (phantom.motion) when it moves, else none: the jobs of the
-    still phantom keep their params."""
+    still phantom keep their params, and so do those of breathing alone (no cardiac blur).
+    """
     motion = dict(phantom.get("motion") or {})
-    if not (motion.get("amplitude_z_mm") or motion.get("amplitude_y_mm")):
+    if not (
+        motion.get("amplitude_z_mm")
+        or motion.get("amplitude_y_mm")
+        or motion.get("cardiac_fwhm_mm")
+    ):
         return {}
+    if not motion.get("cardiac_fwhm_mm"):
+        motion.pop("cardiac_fwhm_mm", None)  # breathing alone keeps its params
     return {"motion": motion}
 
 
@@ -342,6 +349,8 @@ if FIGURE_SUBJECT is not None and FIGURE_SUBJECT not in SPLIT["test"]:
     )
 # Fig. 4 sets the network beside the reference fit; without it, beside the first fitter.
 FIGURE4_METHOD = "curve_fit" if "curve_fit" in FIT["methods"] else FIT["methods"][0]
+# Fig. 3a's fit beside the network: one that covers every slice (the reference may not).
+FIGURE3_METHOD = "fast" if "fast" in FIT["methods"] else FIT["methods"][0]
 
 
 MONITOR = bool(

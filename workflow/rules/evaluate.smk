@@ -91,6 +91,14 @@ rule figure3:
         metrics=f"results/prediction/{BEST}/{FIGURE_SUBJECT}/slice_metrics.tsv",
         labels=f"results/preprocessed/{FIGURE_SUBJECT}/labels_2p5mm.nii.gz",
         labels_tsv=f"results/preprocessed/{FIGURE_SUBJECT}/labels.tsv",
+        # The voxel-wise fit beside the network in (a): the fast one (every slice).
+        fit_maps=expand(
+            f"results/fit/{FIGURE3_METHOD}/{FIGURE_SUBJECT}/{FIGURE_SUBJECT}_desc-{{name}}_kinpar.nii.gz",
+            name=MODEL_PARAMETERS,
+        ),
+        pet=f"results/preprocessed/{FIGURE_SUBJECT}/pet_2p5mm.nii.gz",
+        blood=f"results/preprocessed/{FIGURE_SUBJECT}/input_blood.tsv",
+        pet_json=f"results/preprocessed/{FIGURE_SUBJECT}/pet.json",
     output:
         png=report(
             "results/figures/figure3.png",
@@ -99,6 +107,12 @@ rule figure3:
             subcategory="Fig. 3",
         ),
         pdf="results/figures/figure3.pdf",
+        organ_cs=report(
+            "results/tables/figure3_organ_cs.csv",
+            caption="../report/figure3_organ_cs.rst",
+            category="Paper",
+            subcategory="Fig. 3",
+        ),
     log:
         "logs/figure3.log",
     conda:
@@ -108,6 +122,11 @@ rule figure3:
         organs=EVALUATION["organs"],
         ablation=BEST,
         parameters=MODEL_PARAMETERS,
+        model=MODEL,
+        fit_method=FIGURE3_METHOD,
+        fit_sampling=FIT["sampling"],
+        training=TRAINING_SETTINGS,
+        training_underneath=TRAINING_UNDERNEATH,
     script:
         "../scripts/figure3.py"
 

@@ -14,7 +14,7 @@ from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.io import KinpetInputError, atomic_path
 from kinpet.kinetics import KineticModel
-from kinpet.metrics import domain_mask, tac_metrics
+from kinpet.metrics import slice_metrics
 from kinpet.models import get_model, parameter_map_names
 from kinpet.prediction import predict_volume, volume_slices
 from kinpet.readers import read_nifti_header, read_npz, read_volume, script_log
@@ -80,32 +80,22 @@ data = read_npz(sm.input.slices, keys=("z", "crop"))
 dataset_z, (x0, y0) = set(data["z"].tolist()), data["crop"].tolist()
 window = ((x0, x0 + int(sm.params.crop[0])), (y0, y0 + int(sm.params.crop[1])))
 kinetic = KineticModel(input_function, frames, settings.sampling)
-mask_settings = {"threshold": settings.mask_threshold, "auc_times": settings.mask_auc}
-rows = []
-for z in range(pet.shape[2]):
-    measured = np.transpose(pet[:, :, z, :], (2, 0, 1))[None]  # [1, T, X, Y]
-    row = {"z": z}
-    masks = {"": domain_mask(measured, frames, labels[None, :, :, z], "kinpet", **mask_settings)}
-    if z in dataset_z:
-        masks["paper_"] = domain_mask(
-            measured, frames, labels[None, :, :, z], "paper", window=window, **mask_settings
-        )
-    else:
-        masks["paper_"] = np.zeros_like(masks[""])
-    predicted = None
-    for prefix, mask in masks.items():
-        row.update(
-            {f"{prefix}pixels": int(mask.sum()), f"{prefix}cs": np.nan, f"{prefix}mae": np.nan}
-        )
-        if not mask.any():
-            continue
-        if predicted is None:
-            params = np.nan_to_num(maps[:, :, z, : len(spec.parameters)], nan=0.01)
-            predicted = np.transpose(spec.curves(params, kinetic), (2, 0, 1))[None]
-        cs, mae = tac_metrics(measured, predicted, mask)
-        row.update({f"{prefix}cs": cs[0], f"{prefix}mae": mae[0]})
-    rows.append(row)
-table = pd.DataFrame(rows)
+
+
+def network_curves(z):
+    return spec.curves(np.nan_to_num(maps[:, :, z, : len(spec.parameters)], nan=0.01), kinetic)
+
+
+metrics = slice_metrics(
+    pet,
+    network_curves,
+    labels,
+    frames,
+    settings.mask_threshold,
+    settings.mask_auc,
+    paper=(window, dataset_z),
+)
+table = pd.DataFrame(metrics)
 with atomic_path(sm.output.metrics) as tmp:
     table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
