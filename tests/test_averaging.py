@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_network_training import Killed, kill_at, tiny_sets
 
-from kinpet.averaging import average_decay, averaged_copy, update_average
+from kinpet.averaging import average_decay, averaged_copy, snapshot_weight, update_average
 from kinpet.training import TrainSettings, train
 
 
@@ -13,6 +13,15 @@ def test_average_decay_warms_up_then_holds():
     assert average_decay(8, 0.99) == pytest.approx(9 / 18)
     assert average_decay(10_000, 0.99) == 0.99
     assert average_decay(10_000, 0.5) == 0.5
+
+
+def test_snapshot_weights_give_a_uniform_average():
+    """Folding snapshots 1..6 in with the weights, from start 3: the mean of 3..6."""
+    average = 0.0
+    for epoch in range(1, 7):
+        average = snapshot_weight(epoch, 3) * average + (1 - snapshot_weight(epoch, 3)) * epoch
+    assert average == pytest.approx((3 + 4 + 5 + 6) / 4)
+    assert [snapshot_weight(e, 3) for e in (1, 2, 3)] == [0, 0, 0]
 
 
 def test_update_average_against_the_formula():
@@ -80,6 +89,47 @@ def test_training_with_averaging(tmp_path):
     resumed_average, resumed_trained = states(out / "last.pt")
     assert all(torch.equal(resumed_average[k], average3[k]) for k in average3)
     assert all(torch.equal(resumed_trained[k], trained3[k]) for k in trained3)
+
+
+@pytest.mark.slow
+def test_training_with_weight_averaging_over_epochs(tmp_path):
+    """swa_start: the saved "model" is the trained weights up to the window, then the plain
+    run's epoch-end weights averaged uniformly; the trajectory is the plain run's."""
+    train_set, val_set = tiny_sets()
+
+    def settings(epochs, start):
+        return TrainSettings(
+            epochs=epochs,
+            batch_size=4,
+            validate_every=1,
+            learning_rate=1e-3,
+            schedule="step",  # its learning rates do not depend on the number of epochs
+            swa_start=start,
+        )
+
+    plain = {}
+    for epochs in (2, 3, 4):
+        train(train_set, val_set, settings(epochs, 0), tmp_path / f"plain{epochs}")
+        plain[epochs] = states(tmp_path / f"plain{epochs}" / "last.pt")[0]
+    train(train_set, val_set, settings(4, 2), tmp_path / "swa")
+    average, trained = states(tmp_path / "swa" / "last.pt")
+    assert all(torch.equal(trained[k], plain[4][k]) for k in trained)  # steers nothing
+    for k in average:
+        expected = (plain[2][k] + plain[3][k] + plain[4][k]) / 3
+        torch.testing.assert_close(average[k], expected, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(average[k], trained[k]) for k in average)
+    # Up to the window the validated weights are the trained ones: epoch 2 of the average's
+    # run equals the plain 2-epoch run.
+    train(train_set, val_set, settings(2, 2), tmp_path / "swa2")
+    first = states(tmp_path / "swa2" / "last.pt")[0]
+    assert all(torch.equal(first[k], plain[2][k]) for k in first)
+
+
+def test_swa_start_is_checked():
+    with pytest.raises(ValueError, match="swa_start must be an epoch in"):
+        TrainSettings(epochs=10, swa_start=11)
+    with pytest.raises(ValueError, match="pick one"):
+        TrainSettings(epochs=10, swa_start=5, ema_decay=0.9)
 
 
 def test_ema_decay_outside_its_range_is_refused():

@@ -1,4 +1,5 @@
-"""Exponential moving average (EMA) of a network's weights during training.
+"""Averages of a network's weights during training: exponential over the optimiser steps
+(EMA), or uniform over the epochs' ends (stochastic weight averaging, SWA).
 
 The weights of the last optimiser steps scatter around a minimum of the training loss;
 their running average sits nearer to it than any one of them (Polyak and Juditsky 1992;
@@ -29,6 +30,17 @@ def average_decay(step: int, decay: float) -> float:
         Decay in [0, 1); the average then spans about ``1 / (1 - decay)`` steps.
     """
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def snapshot_weight(epoch: int, start: int) -> float:
+    """The weight of the old average after epoch ``epoch`` (from 1) in a uniform average of
+    the weights at the ends of epochs ``start``, ``start + 1``, ... (SWA).
+
+    0 before and at ``start``: the average is the trained weights themselves (it tracks
+    them until the window opens); then ``n / (n + 1)`` with ``n = epoch - start`` earlier
+    snapshots in the window, so that every snapshot weighs the same.
+    """
+    return max(0, epoch - start) / max(1, epoch - start + 1)
 
 
 def averaged_copy(model: torch.nn.Module) -> torch.nn.Module:

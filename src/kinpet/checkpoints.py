@@ -33,7 +33,7 @@ LOCK_NAME = "train.lock"
 # Settings that do not change what is trained (how many CPU threads run it).
 RESUME_IGNORES = ("threads",)
 # Settings added after states were first saved, with the value those states trained with.
-ADDED_SETTINGS = {"model": "irreversible_2tc", "ema_decay": 0.0}
+ADDED_SETTINGS = {"model": "irreversible_2tc", "ema_decay": 0.0, "swa_start": 0}
 
 
 @contextmanager

@@ -166,6 +166,11 @@ class TrainSettings:
         In (0, 1): they use an exponential moving average of the weights over the
         optimiser steps (:mod:`kinpet.averaging`), which spans about ``1 / (1 -
         ema_decay)`` steps; the optimiser still steps the trained weights.
+    swa_start : int
+        0 (the paper): as ``ema_decay``. From epoch ``swa_start`` (from 1) on, validation,
+        ``best.pt`` and prediction use the uniform average of the weights at the end of
+        each epoch since then (stochastic weight averaging, Izmailov et al. 2018); before
+        it, the trained weights. Exclusive with ``ema_decay``.
     model : str
         The kinetic model of :data:`kinpet.models.MODELS` (the paper's
         ``irreversible_2tc``): the network predicts its parameters within its bounds and
@@ -206,6 +211,7 @@ class TrainSettings:
     loss: str | None = None
     blend_equal_share: float = 0.5
     ema_decay: float = 0.0
+    swa_start: int = 0
     model: str = "irreversible_2tc"
 
     def __post_init__(self):
@@ -232,6 +238,12 @@ class TrainSettings:
             raise ValueError(f"blend_equal_share must lie in [0, 1], not {self.blend_equal_share}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), not {self.ema_decay}")
+        if not 0 <= self.swa_start <= self.epochs:
+            raise ValueError(
+                f"swa_start must be an epoch in [0, epochs = {self.epochs}], not {self.swa_start}"
+            )
+        if self.swa_start and self.ema_decay:
+            raise ValueError("swa_start and ema_decay are two averages of the weights: pick one")
         if self.activation == "log_beta" and not self.projection:
             raise ValueError("activation 'log_beta' needs projection: true (it gives beta only)")
         if self.loss == "newton" and not self.projection:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kinpet.atomic import remove_stale_temporaries
-from kinpet.averaging import average_decay, averaged_copy, update_average
+from kinpet.averaging import average_decay, averaged_copy, snapshot_weight, update_average
 
 # The "X as X" imports from kinpet.checkpoints, kinpet.schedules, kinpet.settings and
 # kinpet.slicedata are re-exports: the training API stays one import (kinpet.training).
@@ -362,7 +362,8 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
     generator = _seed_everything(settings.seed)
     model = build_model(settings).to(device)
     # What is validated, saved as best and predicted: the trained weights, or their average.
-    scored = averaged_copy(model) if settings.ema_decay else model
+    averaging = settings.ema_decay or settings.swa_start
+    scored = averaged_copy(model) if averaging else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
     schedule = learning_rate_schedule(optimizer, settings)
     weights = loss_weights(train_set.frames, settings, device)
@@ -426,12 +427,14 @@ def _train_locked(train_set, val_set, settings, state_dir, resume, stream, monit
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if scored is not model:
+            if settings.ema_decay:
                 step = epoch * n_batches + b
                 update_average(scored, model, average_decay(step, settings.ema_decay))
             running += loss.item() * len(rows)
             seen += len(rows)
             progress.step(epoch, b, n_batches, running / seen)
+        if settings.swa_start:
+            update_average(scored, model, snapshot_weight(epoch + 1, settings.swa_start))
         lr = optimizer.param_groups[0]["lr"]
         schedule.step()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": running / seen}

@@ -163,6 +163,7 @@ _SETTING_KEYS = (
     "loss",
     "blend_equal_share",
     "ema_decay",
+    "swa_start",
 )
 # The settings of kinpet.training.TrainSettings, in two layers (settings_from_config): a
 # recipe named in a --configfile / --config overrides the keys of config/config.yaml
