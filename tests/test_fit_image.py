@@ -135,7 +135,21 @@ def test_other_models_write_their_own_maps(tmp_path, capsys):
                 np.testing.assert_allclose(values[labels == region], params[i], rtol=2e-3,
                                            atol=1e-4, err_msg=f"{model} {name}")  # fmt: skip
             assert np.isnan(values[labels == 0]).all()
-    capsys.readouterr()
-    assert main(args_for(paths, tmp_path / "x", "--model", "reversible_2tc", "--fit-delay", "0",
-                         "9")) == 2  # fmt: skip
-    assert "--fit-delay is not available for it yet" in capsys.readouterr().err
+    # The reversible model with one delay per region: each region's delay, and its voxels
+    # fitted with it.
+    delays = {1: 3.0, 2: 7.5}
+    pet = np.zeros((*labels.shape, len(FRAMES)), dtype=np.float32)
+    for label, params in truth["reversible_2tc"].items():
+        pet[labels == label] = tacs(
+            "reversible_2tc", np.array(params), INPUT, FRAMES, delay_s=delays[label]
+        )
+    write_nifti(tmp_path / "sub-01_pet.nii.gz", pet, np.eye(4))
+    out = tmp_path / "delayed"
+    args = args_for(paths, out, "--model", "reversible_2tc", "--fit-delay", "0", "9")
+    assert main(args) == 0, capsys.readouterr().err
+    meta = json.loads((out / "sub-01_model-reversible2tc_mimap.json").read_text())
+    delay_map = np.asarray(nib.load(out / meta["Files"]["delay"]).dataobj)
+    k1_map = np.asarray(nib.load(out / meta["Files"]["K1"]).dataobj)
+    for label, params in truth["reversible_2tc"].items():
+        np.testing.assert_allclose(delay_map[labels == label], delays[label], atol=0.1)
+        np.testing.assert_allclose(k1_map[labels == label], params[0], rtol=2e-3)

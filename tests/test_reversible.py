@@ -73,6 +73,27 @@ def test_fast_is_as_good_as_curve_fit_on_noisy_curves():
     assert np.mean(fast.sse <= 1.001 * slow.sse) >= 0.99
 
 
+def test_noise_free_parameters_and_delay_are_recovered():
+    """With a fitted input delay: the parameters within 0.1 % and the delay within 0.1 s,
+    for a delay on and off the grid of delays (1 s apart)."""
+    from kinpet.modelfit import fit_model
+
+    truth = random_reversible(2, seed=11)
+    delays = np.array([4.0, 12.6])
+    curves = np.concatenate(
+        [
+            tacs("reversible_2tc", truth[i : i + 1], INPUT, FRAMES, delay_s=d)
+            for i, d in enumerate(delays)
+        ]
+    )
+    result = fit_model(curves, "reversible_2tc", INPUT, FRAMES, delay_bounds_s=(0, 16))
+    assert result.ok.all()
+    np.testing.assert_allclose(result.delay_s, delays, atol=0.1)
+    np.testing.assert_allclose(result.params, truth, rtol=1e-3)
+    assert np.isnan(result.ki).all()  # not defined for this model
+    assert list(result.as_dict())[:6] == ["K1", "k2", "k3", "k4", "Vb", "delay_s"]
+
+
 def test_fixed_parameters_and_bounds():
     truth = random_reversible(10, seed=8)
     truth[:, 4] = 0.05
@@ -98,6 +119,10 @@ def test_fit_tacs_reversible_on_real_curves(real_tacs_path, tmp_path, capsys):
     assert list(rev.columns) == ["K1", "k2", "k3", "k4", "Vb", "VT", "VS", "SSE", "ok", "status"]
     assert (rev.SSE <= irr.SSE * (1 + 1e-6)).all() and rev.ok.all()
     np.testing.assert_allclose(rev.VT, rev.K1 / rev.k2 * (1 + rev.k3 / rev.k4), rtol=1e-4)
-    capsys.readouterr()
-    assert main([*base, "--model", "reversible_2tc", "--fit-delay", "0", "20"]) == 2
-    assert "not available for it yet" in capsys.readouterr().err
+    delayed = tmp_path / "delayed.tsv"
+    args = [*base, "--model", "reversible_2tc", "--fit-delay", "-10", "40", "-o", str(delayed)]
+    assert main(args) == 0
+    fit = pd.read_csv(delayed, sep="\t").set_index("region")
+    assert "delay_s" in fit.columns and fit.ok.all()
+    assert fit.delay_s.between(-10, 40).all()
+    assert (fit.SSE <= rev.SSE * (1 + 1e-6)).all()  # delay 0 is one of the candidates

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--model", choices=("irreversible_2tc", "one_tc", "reversible_2tc"),
         default="irreversible_2tc",
-        help="kinetic model (default irreversible_2tc; reversible_2tc: no --fit-delay yet)",
+        help="kinetic model (default irreversible_2tc)",
     )  # fmt: skip
     p.add_argument("--method", choices=("fast", "curve_fit"), default="fast")
     p.add_argument("--weights", choices=("none", "duration", "duration_decay"), default="none")
@@ -92,8 +92,6 @@ def cmd_fit_image(args) -> None:
     delay = args.fit_delay is not None
     model = get_model(args.model)
     check_fixed(model, fixed)
-    if delay and not model.irreversible_form:
-        raise KinpetInputError(f"--model {model.name}: --fit-delay is not available for it yet")
     names = map_file_names(prefix, model.name, delay)
     sidecar = out_dir / f"{prefix}_model-{bids_label(model)}_mimap.json"
     inputs = {p.resolve() for p in (pet, pet_json, Path(args.blood_tsv), regions_path)}

@@ -11,6 +11,9 @@ search (Brent) between its neighbours on the grid.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import numpy as np
 
 from kinpet.frames import FrameSchedule
@@ -45,9 +48,10 @@ def fit_with_delay(
     frames: FrameSchedule,
     delay_bounds_s,
     delay_step_s: float = DELAY_STEP_S,
+    fitter=None,
     **options,
 ):
-    """:func:`kinpet.fitting.fit` with an input delay fitted per curve.
+    """:func:`kinpet.fitting.fit` (or ``fitter``) with an input delay fitted per curve.
 
     Parameters
     ----------
@@ -58,9 +62,12 @@ def fit_with_delay(
         Range of the delay, s; positive: the tissue sees the input later.
     delay_step_s : float
         Spacing of the grid of delays that starts the search, s.
+    fitter : callable, optional
+        ``fitter(tacs, input_function, frames, blood_function=..., **options)`` -> a
+        result like :func:`kinpet.fitting.fit`'s; default that function (the irreversible
+        form). :func:`kinpet.modelfit.fit_reversible` for the reversible model.
     **options
-        Passed to :func:`kinpet.fitting.fit` (method, weights, bounds, sampling, fixed,
-        ...).
+        Passed to the fitter (method, weights, bounds, sampling, fixed, ...).
 
     Returns
     -------
@@ -69,14 +76,18 @@ def fit_with_delay(
     """
     from scipy.optimize import minimize_scalar
 
-    from kinpet.fitting import fit
+    if fitter is None:
+        from kinpet.fitting import fit as fitter
 
     lo, hi = check_delay_bounds(delay_bounds_s)
     blood = options.pop("blood_function", None)
 
-    def fit_delayed(curves, d):
+    warm_start = "start" in inspect.signature(fitter).parameters
+
+    def fit_delayed(curves, d, **extra):
         whole_blood = None if blood is None else blood.delayed(d)
-        return fit(curves, input_function.delayed(d), frames, blood_function=whole_blood, **options)
+        delayed = input_function.delayed(d)
+        return fitter(curves, delayed, frames, blood_function=whole_blood, **options, **extra)
 
     y = np.atleast_2d(np.asarray(tacs, dtype=np.float64))
     grid = delay_grid(lo, hi, delay_step_s)
@@ -90,8 +101,12 @@ def fit_with_delay(
         k = best[i]
         found = {"delay": grid[k], "sse": sse[k, i], "params": on_grid[k].params[i]}
 
-        def profile(d, i=i, found=found):
-            r = fit_delayed(y[i], d)
+        # A fitter that takes a start polishes from the grid's fit at this delay's
+        # neighbour instead of searching its own grid again: the profile is smooth in d.
+        warm = {"start": on_grid[k].params[i : i + 1]} if warm_start else {}
+
+        def profile(d, i=i, found=found, warm=warm):
+            r = fit_delayed(y[i], d, **warm)
             value = float(r.sse[0]) if r.ok[0] else np.inf
             if value < found["sse"]:
                 found.update(delay=d, sse=value, params=r.params[0])
@@ -107,16 +122,10 @@ def fit_with_delay(
     status = result.status.copy()
     status[ok] = 0  # fitted at some delay: ok (a curve the grid cannot fit keeps its reason)
     params[~ok], out_sse[~ok] = np.nan, np.nan
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ki = params[:, 0] * params[:, 2] / (params[:, 1] + params[:, 2])
-    return type(result)(
-        params,
-        ki,
-        out_sse,
-        ok,
-        status,
-        result.method,
-        result.sampling,
-        result.weights,
-        delay_s=delay,
+    ki = np.full(len(y), np.nan)  # defined for the irreversible form (K1, k2, k3, Vb) only
+    if params.shape[1] == 4:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ki = params[:, 0] * params[:, 2] / (params[:, 1] + params[:, 2])
+    return dataclasses.replace(
+        result, params=params, ki=ki, sse=out_sse, ok=ok, status=status, delay_s=delay
     )

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from kinpet.curvefit import bounded_curve_fit
+from kinpet.delayfit import DELAY_STEP_S, fit_with_delay
 from kinpet.fitting import (
     STATUS_FAILED,
     STATUS_OK,
@@ -51,9 +52,11 @@ class ModelFitResult(FitResult):
     model: str = "reversible_2tc"
 
     def as_dict(self) -> dict:
-        """Columns of the model's parameters, SSE, ok and status."""
+        """Columns of the model's parameters, (delay_s when fitted,) SSE, ok and status."""
         names = get_model(self.model).parameters
         out = {name: self.params[:, i] for i, name in enumerate(names)}
+        if self.delay_s is not None:
+            out["delay_s"] = self.delay_s
         out.update(SSE=self.sse, ok=self.ok, status=self.reasons())
         return out
 
@@ -237,6 +240,7 @@ def fit_reversible(
     fixed=None,
     blood_function: InputFunction | None = None,
     lm_iterations: int = LM_ITERATIONS,
+    start=None,
 ) -> ModelFitResult:
     """Fit the reversible two-tissue model to curves ``tacs`` [N, T] (or [T]).
 
@@ -252,6 +256,9 @@ def fit_reversible(
         Parameters held at a value, e.g. ``{"Vb": 0.05}``.
     lm_iterations : int
         ``fast`` only: at most this many Levenberg-Marquardt steps.
+    start : array [N, 5], optional
+        Where the polish starts, e.g. a fit of the same curves under a nearby input
+        delay (:func:`kinpet.delayfit.fit_with_delay`); default the grid of rates.
 
     Returns
     -------
@@ -272,11 +279,14 @@ def fit_reversible(
     sse = np.full(len(y), np.nan)
     good = np.flatnonzero(status == STATUS_OK)
     if good.size:
-        start = grid_start(y[good], model, w, lo, hi)
-        if method == "fast":
-            params[good], sse[good] = lm_polish(y[good], model, w, lo, hi, start, lm_iterations)
+        if start is None:
+            begin = grid_start(y[good], model, w, lo, hi)
         else:
-            params[good], sse[good] = _curve_fit_polish(y[good], model, w, lo, hi, start)
+            begin = np.clip(np.atleast_2d(np.asarray(start, dtype=np.float64))[good], lo, hi)
+        if method == "fast":
+            params[good], sse[good] = lm_polish(y[good], model, w, lo, hi, begin, lm_iterations)
+        else:
+            params[good], sse[good] = _curve_fit_polish(y[good], model, w, lo, hi, begin)
     failed = (status == STATUS_OK) & ~(np.isfinite(params).all(1) & np.isfinite(sse))
     status[failed] = STATUS_FAILED
     params[status != STATUS_OK], sse[status != STATUS_OK] = np.nan, np.nan
@@ -312,7 +322,8 @@ def fit_model(
     fixed : mapping, optional
         Parameters of the model held at a value; names are checked against the model's.
     delay_bounds_s : (lo, hi), optional
-        Fit an input delay per curve (not yet for ``reversible_2tc``).
+        Fit an input delay per curve (:func:`kinpet.delayfit.fit_with_delay`: a grid of
+        delays, then a bounded scalar search per curve).
     **options
         Passed on (weights, sampling, bounds, n_jobs, ...).
     """
@@ -325,11 +336,16 @@ def fit_model(
         held = {**fixed, **spec.held}
         options.update(delay_bounds_s=delay_bounds_s, blood_function=blood_function)
         return fit(tacs, input_function, frames, method=method, fixed=held, **options)
-    if delay_bounds_s is not None or method == "curve_fit_paper":
+    if method == "curve_fit_paper":
         raise ValueError(
-            f"model {spec.name}: a fitted delay and method 'curve_fit_paper' are not "
-            "available for it yet (methods: fast, curve_fit)"
+            f"model {spec.name}: method 'curve_fit_paper' is not available for it "
+            "(methods: fast, curve_fit)"
         )
     options.pop("n_jobs", None)  # curve_fit of this model runs in this process
+    if delay_bounds_s is not None:
+        step = options.pop("delay_step_s", DELAY_STEP_S)
+        return fit_with_delay(tacs, input_function, frames, delay_bounds_s, step,
+                              fitter=fit_reversible, method=method, fixed=fixed,
+                              blood_function=blood_function, **options)  # fmt: skip
     return fit_reversible(tacs, input_function, frames, method, fixed=fixed,
                           blood_function=blood_function, **options)  # fmt: skip
