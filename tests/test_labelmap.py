@@ -231,13 +231,20 @@ def test_no_liver_and_noise_is_refused(tmp_path):
         simulation.simulate_subject(sub, tmp_path / "bids", noise_cov=0.1)
 
 
-def test_a_cardiac_blur_without_a_heart_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "motion, message",
+    [
+        ({"cardiac_fwhm_mm": 8.0}, "no heart, which the cardiac blur"),
+        ({"amplitude_z_mm": 10.0}, "no lungs, kidneys, which breathing"),
+    ],
+)
+def test_motion_without_what_places_it_is_refused(tmp_path, motion, message):
     path = write_label_map(tmp_path / "seg.nii.gz", box_labels(), {1: "body", 2: "liver"})
     got = labelmap.read_label_anatomy(path, 4.0, CLASSES)
     sub = phantom.make_subject("sub-01", voxel_mm=4.0, anatomy=got)
-    with pytest.raises(ValueError, match="seg.nii.gz: the label map has no heart for the cardiac"):
+    with pytest.raises(ValueError, match=f"seg.nii.gz: the label map has {message}"):
         simulation.simulate_subject(
-            sub, tmp_path / "bids", noise_cov=0.0, motion=Breathing(cardiac_fwhm_mm=8.0)
+            sub, tmp_path / "bids", noise_cov=0.0, motion=Breathing(**motion)
         )
     assert not (tmp_path / "bids").exists()  # refused before anything is written
 

@@ -176,20 +176,31 @@ def check_noise_reference(subject: Subject, noise_cov: float) -> None:
             )
 
 
-def check_heart(subject: Subject, motion: Breathing | None) -> None:
-    """Refuse a cardiac blur on a label map without a heart: nothing would beat, silently.
-
-    The procedural body always has one.
-    """
+def check_motion_anatomy(subject: Subject, motion: Breathing | None) -> None:
+    """Refuse motion on a label map that lacks what places it, before the model pass:
+    breathing needs the lungs, the liver and the kidneys (:func:`kinpet.motion.
+    breathing_profile`), the cardiac blur the heart. The procedural body has them all."""
     from kinpet.io import KinpetInputError
 
-    if motion is not None and motion.cardiac_fwhm_mm > 0 and subject.label_map is not None:
-        if not (subject.label_map == LABEL_INDEX["heart"]).any():
-            raise KinpetInputError(
-                f"{subject.anatomy}: the label map has no heart for the cardiac blur "
-                f"(phantom.motion.cardiac_fwhm_mm = {motion.cardiac_fwhm_mm}); set it to 0 "
-                "or use a label map with the heart"
-            )
+    if motion is None or motion.is_still or subject.label_map is None:
+        return
+    needed = {
+        **(
+            {"lungs": "breathing", "liver": "breathing", "kidneys": "breathing"}
+            if motion.breathes
+            else {}
+        ),
+        **({"heart": "the cardiac blur"} if motion.cardiac_fwhm_mm > 0 else {}),
+    }
+    present = set(np.unique(subject.label_map).tolist())
+    missing = [name for name in needed if LABEL_INDEX[name] not in present]
+    if missing:
+        uses = sorted({needed[name] for name in missing})
+        raise KinpetInputError(
+            f"{subject.anatomy}: the label map has no {', '.join(missing)}, which "
+            f"{' and '.join(uses)} (phantom.motion) needs; set its amplitudes or "
+            "cardiac_fwhm_mm to 0, or use a label map with them"
+        )
 
 
 def _log(message: str) -> None:
@@ -234,7 +245,7 @@ def simulate_subject(
     frames = FrameSchedule.paper() if frames is None else frames
     check_simulation_resources(subject, len(frames), root)
     check_noise_reference(subject, noise_cov)
-    check_heart(subject, motion)
+    check_motion_anatomy(subject, motion)
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
