@@ -12,7 +12,6 @@ search (Brent) between its neighbours on the grid.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import numpy as np
 
@@ -49,6 +48,7 @@ def fit_with_delay(
     delay_bounds_s,
     delay_step_s: float = DELAY_STEP_S,
     fitter=None,
+    warm_start: bool = False,
     **options,
 ):
     """:func:`kinpet.fitting.fit` (or ``fitter``) with an input delay fitted per curve.
@@ -66,6 +66,9 @@ def fit_with_delay(
         ``fitter(tacs, input_function, frames, blood_function=..., **options)`` -> a
         result like :func:`kinpet.fitting.fit`'s; default that function (the irreversible
         form). :func:`kinpet.modelfit.fit_reversible` for the reversible model.
+    warm_start : bool
+        The fitter takes ``start`` (parameters [1, n]): the search between grid delays then
+        polishes from the best grid fit instead of running the fitter's own start again.
     **options
         Passed to the fitter (method, weights, bounds, sampling, fixed, ...).
 
@@ -81,8 +84,6 @@ def fit_with_delay(
 
     lo, hi = check_delay_bounds(delay_bounds_s)
     blood = options.pop("blood_function", None)
-
-    warm_start = "start" in inspect.signature(fitter).parameters
 
     def fit_delayed(curves, d, **extra):
         whole_blood = None if blood is None else blood.delayed(d)
@@ -122,10 +123,12 @@ def fit_with_delay(
     status = result.status.copy()
     status[ok] = 0  # fitted at some delay: ok (a curve the grid cannot fit keeps its reason)
     params[~ok], out_sse[~ok] = np.nan, np.nan
-    ki = np.full(len(y), np.nan)  # defined for the irreversible form (K1, k2, k3, Vb) only
+    ki_s = np.full(len(y), np.nan)  # defined for the irreversible form (K1, k2, k3, Vb) only
     if params.shape[1] == 4:
+        from kinpet.kinetics import ki
+
         with np.errstate(invalid="ignore", divide="ignore"):
-            ki = params[:, 0] * params[:, 2] / (params[:, 1] + params[:, 2])
+            ki_s = ki(params)
     return dataclasses.replace(
-        result, params=params, ki=ki, sse=out_sse, ok=ok, status=status, delay_s=delay
+        result, params=params, ki=ki_s, sse=out_sse, ok=ok, status=status, delay_s=delay
     )

@@ -345,7 +345,7 @@ def fit_model(
     if delay_bounds_s is not None:
         step = options.pop("delay_step_s", DELAY_STEP_S)
         return fit_with_delay(tacs, input_function, frames, delay_bounds_s, step,
-                              fitter=fit_reversible, method=method, fixed=fixed,
+                              fitter=fit_reversible, warm_start=True, method=method, fixed=fixed,
                               blood_function=blood_function, **options)  # fmt: skip
     return fit_reversible(tacs, input_function, frames, method, fixed=fixed,
                           blood_function=blood_function, **options)  # fmt: skip
