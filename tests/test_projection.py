@@ -255,3 +255,41 @@ def test_newton_loss_trains_toward_the_fitted_beta_and_needs_projection():
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
     optimizer.step()
     assert training_loss(net, data.tacs, rows, data, settings, weights).item() < loss.item()
+
+
+def test_projection_weights_of_their_own_leave_the_loss_weights():
+    """projection_equal_share: each pixel's least squares at the network's beta uses its own
+    blend of equal and duration x decay weights; the loss keeps ``loss_weights``."""
+    from kinpet.fitting import frame_weights
+    from kinpet.training import projection_weights
+
+    slices = small_subject(4)
+    settings, data, net, rows, weights, loss = network_and_loss(
+        slices, loss_weights="blend", blend_equal_share=0.75, projection_equal_share=0.2
+    )
+    dd = frame_weights(FRAMES, "duration_decay")
+    np.testing.assert_allclose(weights.numpy(), 0.75 + 0.25 * dd)  # the loss's, unchanged
+    own = projection_weights(FRAMES, settings, "cpu")
+    np.testing.assert_allclose(own.numpy(), 0.2 + 0.8 * dd)
+    with torch.no_grad():
+        x = torch.nn.functional.pad(data.tacs.unsqueeze(1), (0, 0, 0, 0, 1, 1))
+        raw = net(x)
+        params = project_maps(raw, data.tacs, data.models[0], own)
+        other = project_maps(raw, data.tacs, data.models[0], weights)
+        mask = torch.from_numpy(np.trapezoid(slices, FRAMES.mids_min, axis=1) > 10.0)
+        pred = model_tacs(params, data.subject, data.models)
+        by_hand = masked_mse(pred, data.tacs, mask, weights)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # The choice matters: the loss's own weights would give other K1 maps.
+    assert (params[:, 0] - other[:, 0]).abs().max() > 1e-4
+    # Prediction solves with the same weights as training.
+    predicted = subject_projection(INPUT, FRAMES, settings)(raw, data.tacs)
+    np.testing.assert_allclose(predicted.numpy(), params.numpy(), rtol=1e-6, atol=1e-7)
+    # Unset, the projection weighs frames as the loss does.
+    plain = TrainSettings(loss_weights="blend", blend_equal_share=0.75)
+    torch.testing.assert_close(
+        projection_weights(FRAMES, plain, "cpu"), loss_weights(FRAMES, plain, "cpu")
+    )
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(ValueError, match="projection_equal_share"):
+            TrainSettings(projection_equal_share=bad)

@@ -147,6 +147,14 @@ class TrainSettings:
         beta = k2 + k3 is taken from the network; Vb, K1 and the k2/k3 split are each
         pixel's bounded least-squares solution for that beta under the loss's frame
         weights (:mod:`kinpet.projection`), in training, validation and prediction alike.
+    projection_equal_share : float or None
+        None: the projection's least squares weighs frames as the loss does. A number in
+        [0, 1]: its own blend of that share of equal weights with duration x decay weights
+        (see ``loss_weights``), while the loss keeps its weights. The loss's weights decide
+        which beta the network learns; these decide how each pixel's Vb, K1 and Ki are
+        solved at it: Ki's information sits in the long late frames, which the inverse
+        noise variance (about duration x decay) weighs up, while the spleen's K1 needs the
+        early frames. ``loss="newton"`` keeps the loss's weights in its cost.
     straight_through, head_init, shared_temporal, decimate_time
         The switches of :class:`kinpet.network.KineticUNet` that restore the published
         network (False, "pytorch", True, True) or keep kinpet's (True, "kinpet", False,
@@ -210,6 +218,7 @@ class TrainSettings:
     decimate_time: bool | None = None
     loss: str | None = None
     blend_equal_share: float = 0.5
+    projection_equal_share: float | None = None
     ema_decay: float = 0.0
     swa_start: int = 0
     model: str = "irreversible_2tc"
@@ -236,6 +245,11 @@ class TrainSettings:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
         if not 0.0 <= self.blend_equal_share <= 1.0:
             raise ValueError(f"blend_equal_share must lie in [0, 1], not {self.blend_equal_share}")
+        share = self.projection_equal_share
+        if share is not None and not (
+            isinstance(share, int | float) and not isinstance(share, bool) and 0 <= share <= 1
+        ):
+            raise ValueError(f"projection_equal_share must be None or lie in [0, 1], not {share!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), not {self.ema_decay}")
         if not 0 <= self.swa_start <= self.epochs:

@@ -107,7 +107,7 @@ def subject_projection(input_function: InputFunction, frames: FrameSchedule, set
         return None
     scale = subject_scale(input_function, frames, settings.scaling)
     model = KineticModel(scaled_input(input_function, scale), frames, settings.sampling)
-    weights = loss_weights(frames, settings, "cpu")
+    weights = projection_weights(frames, settings, "cpu")
     return functools.partial(project_maps, model=model, weights=weights)
 
 
@@ -163,11 +163,13 @@ def _forward(model, tacs, device, amp: bool, time_padding: str):
     return slices_to_parameters(model, tacs, time_padding)
 
 
-def network_parameters(model, meas, rows, data: SliceSet, settings, weights, time_padding):
+def network_parameters(model, meas, rows, data: SliceSet, settings, time_padding):
     """Parameter maps [B, n, H, W] of a batch: the network's, projected when
-    ``settings.projection`` (see :class:`TrainSettings`)."""
+    ``settings.projection`` (see :class:`TrainSettings`; frame weights of
+    :func:`projection_weights`)."""
     params = _forward(model, meas, meas.device, settings.amp, time_padding)
     if settings.projection:
+        weights = projection_weights(data.frames, settings, meas.device)
         params = project_by_subject(params, meas, data.subject[rows], data.models, weights)
     return params
 
@@ -183,12 +185,11 @@ def evaluate(model, data: SliceSet, settings: TrainSettings, device=None, batch_
     batch_size = batch_size or settings.batch_size
     model.eval()
     losses, cs, mae, weights = [], [], [], []
-    frame_w = loss_weights(data.frames, settings, device)
     kinetic = get_model(settings.model)
     with torch.inference_mode():
         for rows in torch.arange(len(data)).split(batch_size):
             meas = data.tacs[rows].to(device)
-            params = network_parameters(model, meas, rows, data, settings, frame_w, "replicate")
+            params = network_parameters(model, meas, rows, data, settings, "replicate")
             scale = data.slice_scales(rows).to(device).view(-1, 1, 1, 1)
             pred = model_tacs(params, data.subject[rows], data.models, kinetic) * scale
             meas = meas * scale
@@ -225,16 +226,29 @@ class _Progress:
         self.stream.flush()
 
 
+def blend_weights(frames: FrameSchedule, equal_share: float) -> np.ndarray:
+    """Frame weights [T] (mean 1): ``equal_share`` of equal weights mixed with
+    duration x decay weights (:func:`kinpet.fitting.frame_weights`)."""
+    return equal_share + (1 - equal_share) * frame_weights(frames, "duration_decay")
+
+
 def loss_weights(frames: FrameSchedule, settings: TrainSettings, device) -> torch.Tensor:
     """The frame weights [T] of the training loss, on ``device``."""
     if settings.loss_weights == "blend":
         # Equal weights keep the early frames (K1, the spleen's fast exchange); duration x
         # decay the late ones (Ki). A mix keeps both.
-        share = settings.blend_equal_share
-        weights = share + (1 - share) * frame_weights(frames, "duration_decay")
+        weights = blend_weights(frames, settings.blend_equal_share)
     else:
         weights = frame_weights(frames, settings.loss_weights)
     return torch.as_tensor(weights).to(device)
+
+
+def projection_weights(frames: FrameSchedule, settings: TrainSettings, device) -> torch.Tensor:
+    """The frame weights [T] of the projection's per-pixel least squares, on ``device``:
+    the loss's, unless ``settings.projection_equal_share`` sets a blend of their own."""
+    if settings.projection_equal_share is None:
+        return loss_weights(frames, settings, device)
+    return torch.as_tensor(blend_weights(frames, settings.projection_equal_share)).to(device)
 
 
 def batch_mask(meas, rows, data: SliceSet, settings: TrainSettings) -> torch.Tensor:
@@ -253,7 +267,7 @@ def training_loss(model, meas, rows, data: SliceSet, settings: TrainSettings, we
     if settings.loss == "newton":
         return newton_loss(model, meas, rows, data, settings, weights)
     # The paper pads time with zeros in training, replicated frames in validation.
-    params = network_parameters(model, meas, rows, data, settings, weights, "zeros")
+    params = network_parameters(model, meas, rows, data, settings, "zeros")
     pred = model_tacs(params, data.subject[rows], data.models, get_model(settings.model))
     return masked_mse(pred, meas, batch_mask(meas, rows, data, settings), weights)
 

@@ -6,8 +6,8 @@
 #
 # 1. starts SLURM with accounting and fake GPUs (tests/cluster/slurm_cluster.sh; apt installs
 #    slurm-wlm, munge, slurmdbd and mariadb-server on first use);
-# 2. runs tests/config/tiny.yaml locally and through SLURM, each in its own temporary copy
-#    of the workflow (nothing lands in the checkout), and compares the results;
+# 2. runs tests/config/cluster.yaml (tiny.yaml cut down) locally and through SLURM, each in
+#    its own temporary copy of the workflow (nothing lands in the checkout), and compares the results;
 # 3. checks with sacct that every non-local job went through SLURM, with a log file each;
 # 4. corrupts a config-referenced input: the run must fail and show the job's log; restores
 #    it: the rerun must submit only the jobs that had not finished;
@@ -21,7 +21,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 HERE="$ROOT/tests/cluster"
 BIN="${KINPET_BIN:-$ROOT/.venv/bin}"
-CONFIG=tests/config/tiny.yaml
+CONFIG=tests/config/cluster.yaml
 export PATH="$BIN:$PATH" # jobs run the same snakemake/python as this script
 # Reproducible-build time stamp: matplotlib then writes the same PDF bytes in both runs.
 export SOURCE_DATE_EPOCH=0
@@ -195,6 +195,6 @@ echo "results after resuming equal the local run"
 
 banner "CLUSTER TEST PASSED"
 echo "jobs through SLURM: $N1 (first run), $N3 (resumed run after the failure)"
-echo "wall time: SLURM ${WALL_CLUSTER} s, local ${WALL_LOCAL} s (tiny config; SLURM adds" \
+echo "wall time: SLURM ${WALL_CLUSTER} s, local ${WALL_LOCAL} s (cluster config; SLURM adds" \
     "submission, status polling and a Snakemake start per job)"
 echo "total test time: $(seconds "$T0" "$(now)") s"

@@ -162,6 +162,7 @@ _SETTING_KEYS = (
     "decimate_time",
     "loss",
     "blend_equal_share",
+    "projection_equal_share",
     "ema_decay",
     "swa_start",
 )
