@@ -6,8 +6,9 @@
 #
 # 1. starts SLURM with accounting and fake GPUs (tests/cluster/slurm_cluster.sh; apt installs
 #    slurm-wlm, munge, slurmdbd and mariadb-server on first use);
-# 2. runs tests/config/cluster.yaml (tiny.yaml cut down) locally and through SLURM, each in
-#    its own temporary copy of the workflow (nothing lands in the checkout), and compares the results;
+# 2. runs tests/config/tiny.yaml with the overrides of tests/config/cluster.yaml locally and
+#    through SLURM, each in its own temporary copy of the workflow (nothing lands in the
+#    checkout), and compares the results;
 # 3. checks with sacct that every non-local job went through SLURM, with a log file each;
 # 4. corrupts a config-referenced input: the run must fail and show the job's log; restores
 #    it: the rerun must submit only the jobs that had not finished;
@@ -21,7 +22,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 HERE="$ROOT/tests/cluster"
 BIN="${KINPET_BIN:-$ROOT/.venv/bin}"
-CONFIG=tests/config/cluster.yaml
+CONFIG=tests/config/tiny.yaml
+OVERRIDES=tests/config/cluster.yaml # fewer subjects, one epoch, the fast fitter only
 export PATH="$BIN:$PATH" # jobs run the same snakemake/python as this script
 # Reproducible-build time stamp: matplotlib then writes the same PDF bytes in both runs.
 export SOURCE_DATE_EPOCH=0
@@ -79,7 +81,7 @@ copy_workflow() {
 run_snakemake() { # run_snakemake DIR LOG ARGS...
     local dir=$1 log=$2
     shift 2
-    (cd "$dir" && timeout -k 30 600 snakemake --configfile "$CONFIG" "$@") >"$log" 2>&1
+    (cd "$dir" && timeout -k 30 600 snakemake --configfile "$CONFIG" "$OVERRIDES" "$@") >"$log" 2>&1
 }
 
 # The SLURM jobs of one snakemake run, found by the job name the plugin gives all jobs of a
