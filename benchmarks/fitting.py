@@ -17,6 +17,7 @@ memory of fitting N curves (float32 input, in chunks).
         [--threads 2] [--workers 2] [--grid 100] [--lm-iterations 15] [--tie-tolerance T]
     .venv/bin/python benchmarks/fitting.py --memory 5000000 --n 0 --n-speed 0
     .venv/bin/python benchmarks/fitting.py --n 0 --n-speed 0 --reversible 20000
+    .venv/bin/python benchmarks/fitting.py --n 0 --n-speed 0 --delay 20000
 
 CPU time (``time.process_time``) is printed beside wall time because the development
 machine is shared: with other jobs running, wall time says more about them than about us.
@@ -208,6 +209,44 @@ def reversible(args, frames, idif, var_per_c):
     print("median absolute error (fast): " + ", ".join(f"{k} {e:.4g}" for k, e in pairs))
 
 
+def delay(args, frames, idif, var_per_c):
+    """A fitted input delay: the batched fit (fast, sampling average) against the profile
+    search (a fit at every delay of a 1-s grid, then Brent per curve) on the same noisy
+    curves, and its speed as a ratio to the fast fit without delay on as many undelayed
+    curves, measured in the same run."""
+    from kinpet.delayfit import fit_with_delay
+
+    n, lo, hi = args.delay, -10.0, 30.0
+    rng = np.random.default_rng(args.seed + 4)
+    truth, y_plain = synthetic(n, frames, idif, var_per_c, seed=args.seed + 5)
+    true_delay = rng.uniform(lo, hi, n)
+    pairs = zip(truth, true_delay, strict=True)
+    clean = np.concatenate([irreversible_2tc(p[None], idif.delayed(d), frames) for p, d in pairs])
+    y = clean + rng.normal(size=clean.shape) * np.sqrt(np.abs(clean) * var_per_c)
+    opts = {"weights": args.weights, "sampling": args.sampling, **fast_opts(args)}
+    bounds = (lo, hi + 10.0)
+    fit(y[:200], idif, frames, delay_bounds_s=bounds, **opts)  # warm-up
+    _, bw, _ = timed(lambda: fit(y_plain, idif, frames, **opts))
+    res, fw, fc = timed(lambda: fit(y, idif, frames, delay_bounds_s=bounds, **opts))
+    m = min(n, args.delay_reference)
+    ref, rw, _ = timed(lambda: fit_with_delay(y[:m], idif, frames, bounds, 1.0, **opts))
+    print(f"\n== fitted delay: {n} noisy curves, true delay uniform {lo:g}..{hi:g} s, "
+          f"bounds {bounds[0]:g}..{bounds[1]:g} s ==")  # fmt: skip
+    print(f"batched: {n / fw:,.0f} curves/s wall, {n / fc:,.0f} per CPU-second, "
+          f"ok {res.ok.mean():.4f}")  # fmt: skip
+    print(f"  fast without delay on {n} undelayed curves in the same run: {n / bw:,.0f} "
+          f"curves/s; with delay / without: {bw / fw:.3f} of the speed")  # fmt: skip
+    print(f"profile search on {m}: {m / rw:,.1f} curves/s; batched / profile speed: "
+          f"{(n / fw) / (m / rw):,.0f}x")  # fmt: skip
+    ratio = res.sse[:m] / ref.sse
+    q = np.nanquantile(ratio, [0.5, 0.99, 1.0])
+    print(f"SSE batched / profile: median {q[0]:.6f}, 99% {q[1]:.6f}, max {q[2]:.6f}, "
+          f"share <= 1.001: {np.mean(ratio <= 1.001):.2%}")  # fmt: skip
+    err = np.abs(res.delay_s - true_delay)
+    print(f"delay error against the truth: median {np.median(err):.2f} s, "
+          f"90% {np.quantile(err, 0.9):.2f} s")  # fmt: skip
+
+
 def memory(args, frames, idif, var_per_c):
     n = args.memory
     # Build the input in float32, block by block: 5 M x 62 x 4 bytes = 1.2 GB.
@@ -254,6 +293,10 @@ def main():
     parser.add_argument(
         "--reversible-reference", type=int, default=200, help="of them, fitted by curve_fit too"
     )
+    parser.add_argument("--delay", type=int, default=0, help="curves for the fitted-delay section")
+    parser.add_argument(
+        "--delay-reference", type=int, default=200, help="of them, fitted by the profile search"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,6 +310,8 @@ def main():
         speed(args, frames, idif, var_per_c)
     if args.reversible:
         reversible(args, frames, idif, var_per_c)
+    if args.delay:
+        delay(args, frames, idif, var_per_c)
     if args.memory:
         memory(args, frames, idif, var_per_c)
 

@@ -46,9 +46,10 @@ import numpy as np
 from kinpet.constants import F18_HALF_LIFE_MIN as F18_HALF_LIFE_MIN
 from kinpet.constants import F18_LAMBDA_PER_MIN as F18_LAMBDA_PER_MIN
 from kinpet.curvefit import PAPER_P0, curve_fit_many
-from kinpet.delayfit import DELAY_STEP_S, fit_with_delay
+from kinpet.delayfit import DELAY_STEP_S, check_delay_bounds, delay_grid, fit_with_delay
 from kinpet.fastfit import DEFAULT_BETA_GRID, fit_curves
 from kinpet.fastfit import beta_values as beta_values  # kept importable from here
+from kinpet.fastfit.delay import START_DELAY_STEP_S, fit_delayed_curves
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
 from kinpet.kinetics import PAPER_LOWER, PAPER_UPPER, PARAMETER_NAMES, KineticModel
@@ -288,7 +289,7 @@ def fit(
     tie_tolerance: float | None = None,
     fixed=None,
     delay_bounds_s=None,
-    delay_step_s: float = DELAY_STEP_S,
+    delay_step_s: float | None = None,
     blood_function: InputFunction | None = None,
 ) -> FitResult:
     """Fit the irreversible two-tissue model to many curves.
@@ -337,8 +338,15 @@ def fit(
         same as lower = upper in ``bounds`` (which works too). Names: K1, k2, k3, Vb.
     delay_bounds_s : (lo, hi), optional
         Fit an input delay per curve within these bounds (s; positive: the tissue sees the
-        input later), on a grid ``delay_step_s`` apart refined by a bounded scalar search
-        (:mod:`kinpet.delayfit`). The result then has ``delay_s``. Default: no delay.
+        input later). The result then has ``delay_s``. Default: no delay. ``fast`` with
+        ``sampling="average"`` fits it as a fifth parameter of the batch
+        (:mod:`kinpet.fastfit.delay`: a start on a grid of delays, then LM on all five);
+        the other methods and samplings fit every curve on a grid of delays and refine
+        each by a bounded scalar search (:mod:`kinpet.delayfit`).
+    delay_step_s : float, optional
+        Spacing of the grid of delays, s; default 5 for the batched fast fit
+        (:data:`kinpet.fastfit.delay.START_DELAY_STEP_S`), else 1
+        (:data:`kinpet.delayfit.DELAY_STEP_S`).
     blood_function : InputFunction, optional
         Whole blood for the Vb term, ``input_function`` being the plasma input of the
         tissue term (:func:`kinpet.kinetics.irreversible_2tc`); a fitted delay shifts
@@ -350,12 +358,14 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    if delay_bounds_s is not None:
+    batched_delay = delay_bounds_s is not None and method == "fast" and sampling == "average"
+    if delay_bounds_s is not None and not batched_delay:
+        step = DELAY_STEP_S if delay_step_s is None else delay_step_s
         options = dict(method=method, weights=weights, bounds=bounds, sampling=sampling)
         options.update(n_jobs=n_jobs, device=device, chunk_size=chunk_size, fixed=fixed)
         options.update(beta_grid=beta_grid, lm_iterations=lm_iterations, workers=workers)
         options.update(tie_tolerance=tie_tolerance, blood_function=blood_function)
-        return fit_with_delay(tacs, input_function, frames, delay_bounds_s, delay_step_s, **options)
+        return fit_with_delay(tacs, input_function, frames, delay_bounds_s, step, **options)
     if method == "curve_fit_paper":  # the published organ fit: kinpet.paperfit
         from kinpet.paperfit import fit_curve_fit_paper
 
@@ -384,11 +394,33 @@ def fit(
     status = screen_curves(y)
     params = np.full((y.shape[0], 4), np.nan)
     sse = np.full(y.shape[0], np.nan)
+    delay = np.full(y.shape[0], np.nan) if batched_delay else None
+    if batched_delay:
+        delays_s = check_delay_bounds(delay_bounds_s)
+        step = START_DELAY_STEP_S if delay_step_s is None else delay_step_s
+        delay_options = dict(delays_s=delay_grid(*delays_s, step), blood_function=blood_function)
     good = np.flatnonzero(status == STATUS_OK)
     if good.size:
-        if method == "fast":
-            if tie_tolerance is None:
-                tie_tolerance = default_tie_tolerance(w)
+        if tie_tolerance is None:
+            tie_tolerance = default_tie_tolerance(w)
+        if batched_delay:
+            params[good], sse[good], delay[good] = fit_delayed_curves(
+                y[good],
+                input_function,
+                frames,
+                w,
+                np.r_[lo, delays_s[0]],
+                np.r_[hi, delays_s[1]],
+                start_beta=PAPER_P0[1] + PAPER_P0[2],
+                tie_tolerance=tie_tolerance,
+                beta_grid=beta_grid,
+                device=device,
+                chunk_size=chunk_size,
+                lm_iterations=lm_iterations,
+                workers=workers,
+                **delay_options,
+            )
+        elif method == "fast":
             params[good], sse[good] = fit_curves(
                 y[good],
                 model,
@@ -411,8 +443,10 @@ def fit(
     status[failed] = STATUS_FAILED
     params[status != STATUS_OK] = np.nan
     sse[status != STATUS_OK] = np.nan
+    if delay is not None:
+        delay[status != STATUS_OK] = np.nan
     with np.errstate(invalid="ignore", divide="ignore"):
         ki = _ki(params)
     scheme = weights if isinstance(weights, str) else ("none" if weights is None else "custom")
-    result = FitResult(params, ki, sse, status == STATUS_OK, status, method, sampling, scheme)
-    return result
+    ok = status == STATUS_OK
+    return FitResult(params, ki, sse, ok, status, method, sampling, scheme, delay_s=delay)

@@ -355,7 +355,7 @@ def _knot_plan(input_function: InputFunction, frames: FrameSchedule, with_mids: 
     return plan
 
 
-def _phi(x: torch.Tensor):
+def phi_functions(x: torch.Tensor):
     """phi1 = (1-e^-x)/x, phi2 = (x-1+e^-x)/x^2, phi3 = (x^2/2-x+1-e^-x)/x^3, for x >= 0.
 
     phi_k(x) = sum_n (-x)^n / (n+k)!; the series is used for small x, where the closed
@@ -396,7 +396,7 @@ def _exponential_convolution(beta: torch.Tensor, c: dict, sampling: str) -> torc
     """
     h = c["h_unique"][:, None]
     x = h * beta[None, :]
-    phi1, phi2, phi3 = _phi(x)
+    phi1, phi2, phi3 = phi_functions(x)
     gain = h * phi1  # (1 - e^-x) / beta
     source = c["step_source"] @ torch.cat([gain, h * phi2])  # [n_steps, n_voxels]
     # Rows are taken by unbind, not indexing: the backward of an index into a [n_steps, n]

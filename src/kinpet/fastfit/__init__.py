@@ -13,6 +13,12 @@
     Projected Levenberg-Marquardt on the exact model (:func:`polish`).
 ``driver``
     Chunks, worker threads and the pool of curves not yet converged (:func:`fit_curves`).
+``shifted``
+    The exact frame-averaged model with an input delay of its own per curve, and its
+    derivatives in the delay.
+``delay``
+    The fit with a delay per curve as a fifth parameter: a start on a grid of delays and
+    LM on all five (:func:`kinpet.fastfit.delay.fit_delayed_curves`).
 """
 
 from kinpet.fastfit.basis import DEFAULT_BETA_GRID, Basis, Bounds, beta_values, make_basis

@@ -77,7 +77,7 @@ def fit_curves(
     threads = 1 if workers > 1 else None
     workers = max(1, min(workers, min(chunk_size, n) // LM_BLOCK))
     first = min(lm_iterations, LM_FIRST_STEPS)
-    with _torch_threads(threads), _executor(workers) as run:
+    with torch_threads(threads), executor(workers) as run:
         basis = make_basis(model, w, lo, hi, start_beta=start_beta, tie_tolerance=tie_tolerance,
                            beta_grid=beta_grid, device=device)  # fmt: skip
         _fit_chunks(basis, tacs, params, sse, run, workers, chunk_size, first, lm_iterations)
@@ -148,7 +148,7 @@ def _polish_pool(basis, pool, pool_idx, run, workers, steps, last, params, sse):
 
 
 @contextmanager
-def _torch_threads(count):
+def torch_threads(count):
     """torch's thread count set once, here, for the whole fit (``None``: left as it is).
 
     It is process-wide, and worker threads take it up when they start: set inside them
@@ -166,7 +166,7 @@ def _torch_threads(count):
 
 
 @contextmanager
-def _executor(workers):
+def executor(workers):
     """``run(fn, items)`` -> list of results: in ``workers`` threads, or in this one."""
     if workers == 1:
         yield lambda fn, items: [fn(item) for item in items]

@@ -126,19 +126,28 @@ def grid_beta(basis: Basis, y_w, yy):
     return torch.exp(torch.cat(parts))
 
 
-def linear_fit(basis: Basis, y_w, e, beta):
+def linear_fit(basis: Basis, y_w, e, beta, i_a=None):
     """The exact bounded linear solution at beta [n] (1/min), with every bound but K1's.
 
-    ``e`` [n, F] is the weighted E at ``beta``. Returns the gain yy - SSE [n] and
-    (p1, p2, p3) (:mod:`kinpet.fastfit.linear`), all [n].
+    ``e`` [n, F] is the weighted E at ``beta``; ``i_a``, optionally, weighted I and A
+    [n, F] of each curve's own (delayed) input instead of the basis's. Returns the gain
+    yy - SSE [n] and (p1, p2, p3) (:mod:`kinpet.fastfit.linear`), all [n].
     """
     rho_lo, rho_hi = rho_bounds(basis.bounds, beta)
-    c1, c2, c3 = y_w @ basis.i_w, (y_w * e).sum(1), y_w @ basis.a_w
-    ie, ee, ea = e @ basis.i_w, (e * e).sum(1), e @ basis.a_w
-    gram = cone_gram(basis.ii, ie, ee, basis.ia, ea, rho_lo, rho_hi)
+    if i_a is None:
+        c1, c3 = y_w @ basis.i_w, y_w @ basis.a_w
+        ie, ea = e @ basis.i_w, e @ basis.a_w
+        ii, ia, aa = basis.ii, basis.ia, basis.aa
+    else:
+        i, a = i_a
+        c1, c3 = (y_w * i).sum(1), (y_w * a).sum(1)
+        ie, ea = (e * i).sum(1), (e * a).sum(1)
+        ii, ia, aa = (i * i).sum(1), (i * a).sum(1), (a * a).sum(1)
+    c2, ee = (y_w * e).sum(1), (e * e).sum(1)
+    gram = cone_gram(ii, ie, ee, ia, ea, rho_lo, rho_hi)
     c_w = rho_hi * c1 + (1 - rho_hi) * c2
     c_u = rho_lo * c1 + (1 - rho_lo) * c2
-    k = face_coefficients(*gram, basis.aa)
+    k = face_coefficients(*gram, aa)
     gain, (w, u, p3) = bounded_lsq(k, c_w, c_u, c3, *basis.bounds.vb, solution=True)
     return gain, (*cone_to_p(w, u, rho_lo, rho_hi), p3)
 
