@@ -403,38 +403,16 @@ def fit(
     if good.size:
         if tie_tolerance is None:
             tie_tolerance = default_tie_tolerance(w)
+        fast = dict(start_beta=PAPER_P0[1] + PAPER_P0[2], tie_tolerance=tie_tolerance,
+                    beta_grid=beta_grid, device=device, chunk_size=chunk_size,
+                    lm_iterations=lm_iterations, workers=workers)  # fmt: skip
         if batched_delay:
+            lo_d, hi_d = np.r_[lo, delays_s[0]], np.r_[hi, delays_s[1]]
             params[good], sse[good], delay[good] = fit_delayed_curves(
-                y[good],
-                input_function,
-                frames,
-                w,
-                np.r_[lo, delays_s[0]],
-                np.r_[hi, delays_s[1]],
-                start_beta=PAPER_P0[1] + PAPER_P0[2],
-                tie_tolerance=tie_tolerance,
-                beta_grid=beta_grid,
-                device=device,
-                chunk_size=chunk_size,
-                lm_iterations=lm_iterations,
-                workers=workers,
-                **delay_options,
+                y[good], input_function, frames, w, lo_d, hi_d, **fast, **delay_options
             )
         elif method == "fast":
-            params[good], sse[good] = fit_curves(
-                y[good],
-                model,
-                w,
-                lo,
-                hi,
-                start_beta=PAPER_P0[1] + PAPER_P0[2],
-                tie_tolerance=tie_tolerance,
-                beta_grid=beta_grid,
-                device=device,
-                chunk_size=chunk_size,
-                lm_iterations=lm_iterations,
-                workers=workers,
-            )
+            params[good], sse[good] = fit_curves(y[good], model, w, lo, hi, **fast)
         else:
             params[good], sse[good] = curve_fit_many(
                 y[good], (input_function, blood_function), frames, sampling, w, lo, hi, n_jobs

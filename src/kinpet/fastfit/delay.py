@@ -23,7 +23,7 @@ import torch
 from kinpet.fastfit.basis import Basis, make_basis
 from kinpet.fastfit.driver import executor, torch_threads
 from kinpet.fastfit.grid import GRID_BLOCK, choose_minimum, grid_gain, linear_fit, refine, to_params
-from kinpet.fastfit.lm import damped_step
+from kinpet.fastfit.lm import projected_step, step_to_bounds
 from kinpet.fastfit.shifted import ShiftedModel, shifted_curves
 from kinpet.frames import FrameSchedule
 from kinpet.inputfunction import InputFunction
@@ -191,20 +191,8 @@ def polish_delayed(model: ShiftedModel, y_w, x, lo, hi, steps: int):
             break
         xa, ra, sse_a, lam_a = x[active], r[active], sse[active], lam[active]
         hess, g, jtj = newton_system(model, xa, ra)
-        at_lo, at_hi = xa <= lo, xa >= hi
-        held = fixed | (at_lo & (g < 0)) | (at_hi & (g > 0))
-        step, used = damped_step(hess, jtj, g, held, lam_a)
-        out = held | (at_lo & (step < 0)) | (at_hi & (step > 0))
-        again = torch.nonzero((out != held).any(1))[:, 0]
-        if again.numel():
-            step_o, used_o = damped_step(
-                hess[again], jtj[again], g[again], out[again], lam_a[again]
-            )
-            step, used = step.index_copy(0, again, step_o), used.index_copy(0, again, used_o)
-        pred = (step * (2 * g - (used @ step[:, :, None])[:, :, 0])).sum(1)
-        room = torch.where(step > 0, hi - xa, lo - xa)
-        t = torch.where((step != 0) & (room != 0), room / step, torch.ones_like(step))
-        step = step * t.amin(1).clamp(0.0, 1.0)[:, None]
+        step, pred = projected_step(hess, jtj, g, xa, lo, hi, lam_a, fixed)
+        step = step * step_to_bounds(xa, step, lo, hi)[:, None]
         trial_x = torch.minimum(torch.maximum(xa + step, lo), hi)
         fitted_t, _ = model_curves(model, trial_x)
         r_t = y_w[active] - fitted_t

@@ -119,20 +119,7 @@ def polish(basis: Basis, s: Polish, steps: int, stop_below: int = 0):
         else:
             xa, ea, ra, sse_a, lam_a = (v.index_select(0, active) for v in (x, e, r, sse, lam))
         hess, g, jtj = newton_system(basis, xa, ea, ra)
-        at_lo, at_hi = xa <= lo, xa >= hi
-        held = (at_lo & (g < 0)) | (at_hi & (g > 0))
-        step, used = damped_step(hess, jtj, g, held, lam_a)
-        # A parameter on a bound that the step would push outward is held as well
-        # (once more): the projection would cut its move, which the others assume.
-        out = held | (at_lo & (step < 0)) | (at_hi & (step > 0))
-        again = torch.nonzero((out != held).any(1))[:, 0]
-        if again.numel():
-            step_o, used_o = damped_step(
-                hess[again], jtj[again], g[again], out[again], lam_a[again]
-            )
-            step, used = step.index_copy(0, again, step_o), used.index_copy(0, again, used_o)
-        # Decrease of the SSE that the quadratic model predicts: 2 d.g - d.H.d.
-        pred = (step * (2 * g - (used @ step[:, :, None])[:, :, 0])).sum(1)
+        step, pred = projected_step(hess, jtj, g, xa, lo, hi, lam_a)
         # A heavily damped step predicts little even far from the minimum: try it.
         go = torch.nonzero((pred > LM_RTOL * sse_a) | (lam_a > 1.0))[:, 0]
         active = active[go]
@@ -144,7 +131,7 @@ def polish(basis: Basis, s: Polish, steps: int, stop_below: int = 0):
         # bound (and is held there next time if its gradient points out). Clipping each
         # parameter instead bends the step out of its direction, and such steps were
         # often rejected, so that curves with an optimum on a bound took many steps.
-        step = step * step_to_bounds(basis, xa, step)[:, None]
+        step = step * step_to_bounds(xa, step, lo, hi)[:, None]
         trial_x, e_t, r_t, sse_t = trial(basis, xa + step, s.y_w.index_select(0, active))
         accept = sse_t < sse_a
         small = (sse_a - sse_t) <= LM_RTOL * sse_a
@@ -262,13 +249,34 @@ def damped_step(hess, jtj, g, held, lam):
     return step, used
 
 
-def step_to_bounds(basis: Basis, x, step):
-    """The largest t <= 1 that keeps x + t step inside the bounds, per curve [n].
+def projected_step(hess, jtj, g, x, lo, hi, lam, fixed=None):
+    """The damped step [n, k] at x [n, k] within bounds ``lo``, ``hi`` [k], and the
+    decrease of the SSE that its quadratic model predicts, 2 d.g - d.H.d [n].
+
+    Parameters on a bound that the gradient points out of are held (and those ``fixed``
+    [k], bool). A parameter on a bound that the step would then push outward is held as
+    well, once more: the projection would cut its move, which the others assume.
+    """
+    at_lo, at_hi = x <= lo, x >= hi
+    held = (at_lo & (g < 0)) | (at_hi & (g > 0))
+    if fixed is not None:
+        held = held | fixed
+    step, used = damped_step(hess, jtj, g, held, lam)
+    out = held | (at_lo & (step < 0)) | (at_hi & (step > 0))
+    again = torch.nonzero((out != held).any(1))[:, 0]
+    if again.numel():
+        step_o, used_o = damped_step(hess[again], jtj[again], g[again], out[again], lam[again])
+        step, used = step.index_copy(0, again, step_o), used.index_copy(0, again, used_o)
+    return step, (step * (2 * g - (used @ step[:, :, None])[:, :, 0])).sum(1)
+
+
+def step_to_bounds(x, step, lo, hi):
+    """The largest t <= 1 that keeps x + t step inside [lo, hi], per curve [n].
 
     Parameters already on the bound that the step points out of are left out (their
     move is clipped away instead): they would allow no step at all.
     """
-    room = torch.where(step > 0, basis.bounds.hi_t - x, basis.bounds.lo_t - x)
+    room = torch.where(step > 0, hi - x, lo - x)
     t = torch.where((step != 0) & (room != 0), room / step, torch.ones_like(step))
     return t.amin(1).clamp(0.0, 1.0)
 
