@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kinpet.delayfit import fit_with_delay
-from kinpet.fastfit.delay import model_curves, newton_system
+from kinpet.fastfit.delay import model_curves, newton_system, runner_up
 from kinpet.fastfit.shifted import ShiftedModel, shifted_curves
 from kinpet.fitting import STATUS_NONFINITE, fit, frame_weights
 from kinpet.frames import FrameSchedule
@@ -154,3 +154,23 @@ def test_batched_delay_fit_keeps_screening_chunks_and_a_fixed_delay():
     assert (held.delay_s == 7.0).all() and (held.params[:, 3] == 0.1).all()
     plain = fit(y[:3], PLASMA.delayed(7.0), FRAMES, fixed={"Vb": 0.1})
     np.testing.assert_allclose(held.sse, plain.sse, rtol=1e-6)
+
+
+def test_runner_up_finds_the_second_local_minimum_within_the_tolerance():
+    """Gains over 7 grid delays: the second start is the best local maximum that is not
+    the best or its neighbour (an end counts), and it is polished only where its grid SSE
+    is within the tolerance of the best one's."""
+    top = torch.tensor(
+        [
+            [1.0, 5.0, 9.0, 8.0, 3.0, 7.0, 2.0],  # peaks at 2 and 5
+            [1.0, 5.0, 9.0, 8.0, 3.0, 2.0, 4.0],  # peaks at 2 and the end 6
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 9.0],  # one peak: no second start
+        ],
+        dtype=torch.float64,
+    )
+    best = top.argmax(1)
+    yy = torch.full((3,), 10.0, dtype=torch.float64)
+    second, again = runner_up(top, best, yy, 2.0)  # best SSE 1: within 3
+    assert second[:2].tolist() == [5, 6] and again.tolist() == [True, False, False]
+    _, again = runner_up(top, best, yy, 6.0)  # the end's SSE 6 is within 7
+    assert again.tolist() == [True, True, False]

@@ -344,7 +344,7 @@ def fit(
         the other methods and samplings fit every curve on a grid of delays and refine
         each by a bounded scalar search (:mod:`kinpet.delayfit`).
     delay_step_s : float, optional
-        Spacing of the grid of delays, s; default 5 for the batched fast fit
+        Spacing of the grid of delays, s; default 2.5 for the batched fast fit
         (:data:`kinpet.fastfit.delay.START_DELAY_STEP_S`), else 1
         (:data:`kinpet.delayfit.DELAY_STEP_S`).
     blood_function : InputFunction, optional

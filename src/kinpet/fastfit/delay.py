@@ -4,7 +4,9 @@
    input delayed by that much), the gain of every grid beta (:func:`kinpet.fastfit.grid.
    grid_gain`); each curve takes the delay whose best beta lowers its SSE most, refined by
    a parabola through its neighbours, and the beta refined at that grid delay; the linear
-   parameters are then solved exactly at the curve's own delay.
+   parameters are then solved exactly at the curve's own delay. Where a second local
+   minimum over the grid of delays is nearly as low (:func:`runner_up`), the curve is
+   polished from there too, and the lower SSE kept.
 2. The polish: projected Levenberg-Marquardt on (K1, k2, k3, Vb, delay) together, on the
    exact model with each curve's own delay (:mod:`kinpet.fastfit.shifted`), with the full
    Hessian as in the no-delay polish (:mod:`kinpet.fastfit.lm`). It is exact in K1, Vb and
@@ -33,20 +35,21 @@ BLOCK = 4096  # curves started and polished together
 # The start's grid of delays, s apart. The polish moves the delay continuously, so the
 # grid only has to land each curve in the basin of its best delay; a finer one costs a
 # basis and a grid search more per point.
-START_DELAY_STEP_S = 5.0
+START_DELAY_STEP_S = 2.5
 BETA_STEP = 1e-4  # relative step of the central differences dE/dbeta
 RTOL = 1e-8  # converged when a step lowers the SSE by less than this, relatively
 START_DAMPING = 1e-3
+# A second local minimum over the delay grid whose grid SSE is within this fraction of the
+# best grid SSE is polished too (:func:`runner_up`).
+SECOND_START_TOLERANCE = 0.1
 
 
-def delay_start(bases: list[Basis], delays_min, model: ShiftedModel, y_w):
-    """Start (K1, k2, k3, Vb, delay) [n, 5] for weighted curves y_w [n, F].
+def delay_grid(bases: list[Basis], y_w):
+    """Gains over the start's grid of delays for weighted curves y_w [n, F].
 
-    ``bases`` [G] hold the model with the input delayed by ``delays_min`` [G] (min). On
-    each, every grid beta's gain; the curve's delay is the vertex of the parabola through
-    the best gains of its best grid delay and its neighbours, its beta the refined grid
-    beta (:func:`kinpet.fastfit.grid.refine`, the tie rule included) at that grid delay,
-    and the linear parameters are solved exactly there.
+    ``bases`` [G] hold the model with the input delayed by each grid delay. Returns the
+    best gain over beta at each grid delay [n, G] and the refined log beta there [n, G]
+    (:func:`kinpet.fastfit.grid.refine`, the tie rule included).
     """
     yy = (y_w * y_w).sum(1)
     top, log_beta = [], []
@@ -59,14 +62,67 @@ def delay_start(bases: list[Basis], delays_min, model: ShiftedModel, y_w):
             lb.append(refine(gain, best, b.log_betas))
         top.append(torch.cat(t))
         log_beta.append(torch.cat(lb))
-    top, log_beta = torch.stack(top, dim=1), torch.stack(log_beta, dim=1)  # [n, G]
-    best = top.argmax(1)
+    return torch.stack(top, dim=1), torch.stack(log_beta, dim=1)
+
+
+def runner_up(top, best, yy, tolerance: float):
+    """The second start over the delay grid: per curve, the grid delay [n] of the best
+    local minimum of the SSE (maximum of ``top`` [n, G]) that is neither ``best`` nor its
+    neighbour, and whether to polish there [n]: where its grid SSE is within
+    ``tolerance`` x the best grid SSE (``yy`` [n]: ||y_w||^2, so that SSE = yy - gain).
+
+    The SSE over the delay can have two minima (the peak of the input matched against
+    either of two rises of the curve); the best grid point does not always lie in the
+    basin of the better one once polished.
+    """
+    g = top.shape[1]
+    none = torch.full_like(top[:, :1], -torch.inf)
+    left = torch.cat([none, top[:, :-1]], dim=1)
+    right = torch.cat([top[:, 1:], none], dim=1)
+    peak = (top >= left) & (top > right)
+    far = (torch.arange(g, device=top.device)[None, :] - best[:, None]).abs() > 1
+    candidate = torch.where(peak & far, top, -torch.inf)
+    second = candidate.argmax(1)
+    sse_best = yy - top.gather(1, best[:, None])[:, 0]
+    sse_second = yy - candidate.gather(1, second[:, None])[:, 0]
+    return second, torch.isfinite(sse_second) & (sse_second <= (1 + tolerance) * sse_best)
+
+
+def delay_start(bases: list[Basis], delays_min, model: ShiftedModel, y_w, top, log_beta, best):
+    """Start (K1, k2, k3, Vb, delay) [n, 5] for weighted curves y_w [n, F] at grid delay
+    ``best`` [n] (index into ``delays_min`` [G], min) of :func:`delay_grid`'s ``top`` and
+    ``log_beta`` [n, G].
+
+    The delay is the vertex of the parabola through the best gains at ``best`` and its
+    neighbours, the beta the refined grid beta at ``best``; the linear parameters are then
+    solved exactly at the curve's own delay.
+    """
     delays = torch.as_tensor(delays_min, dtype=y_w.dtype, device=y_w.device)
     delay = refine(top, best, delays)
     beta = torch.exp(log_beta.gather(1, best[:, None])[:, 0])
     c = shifted_curves(model, beta, delay)
     _, p = linear_fit(bases[0], y_w, c.e, beta, (c.i, c.a))
     return torch.cat([to_params(bases[0], p, beta), delay[:, None]], dim=1)
+
+
+def fit_block(bases, delays_min, model, y_w, lo, hi, steps: int):
+    """(K1, k2, k3, Vb, delay) [n, 5] and weighted SSE [n] of weighted curves y_w [n, F]:
+    polished from the best grid delay and, where :func:`runner_up` finds a second start
+    nearly as good, from there too; the lower SSE is kept."""
+    top, log_beta = delay_grid(bases, y_w)
+    best = top.argmax(1)
+    x = delay_start(bases, delays_min, model, y_w, top, log_beta, best)
+    sse = polish_delayed(model, y_w, x, lo, hi, steps)
+    second, again = runner_up(top, best, (y_w * y_w).sum(1), SECOND_START_TOLERANCE)
+    idx = torch.nonzero(again)[:, 0]
+    if idx.numel():
+        y2 = y_w[idx]
+        x2 = delay_start(bases, delays_min, model, y2, top[idx], log_beta[idx], second[idx])
+        sse2 = polish_delayed(model, y2, x2, lo, hi, steps)
+        better = sse2 < sse[idx]
+        x[idx[better]] = x2[better]
+        sse[idx[better]] = sse2[better]
+    return x, sse
 
 
 def model_curves(model: ShiftedModel, x):
@@ -278,8 +334,7 @@ def fit_delayed_curves(
             out = []
             for block in y.split(BLOCK):
                 y_w = block * model.sqrt_w
-                x = delay_start(bases, delays_min, model, y_w)
-                out.append((x, polish_delayed(model, y_w, x, lo_t, hi_t, lm_iterations)))
+                out.append(fit_block(bases, delays_min, model, y_w, lo_t, hi_t, lm_iterations))
             return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
         for begin in range(0, n, chunk_size):
