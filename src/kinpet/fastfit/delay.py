@@ -48,8 +48,8 @@ def delay_grid(bases: list[Basis], y_w):
     """Gains over the start's grid of delays for weighted curves y_w [n, F].
 
     ``bases`` [G] hold the model with the input delayed by each grid delay. Returns the
-    best gain over beta at each grid delay [n, G] and the refined log beta there [n, G]
-    (:func:`kinpet.fastfit.grid.refine`, the tie rule included).
+    best gain over beta at each grid delay [n, G], the refined log beta there [n, G]
+    (:func:`kinpet.fastfit.grid.refine`, the tie rule included) and ||y_w||^2 [n].
     """
     yy = (y_w * y_w).sum(1)
     top, log_beta = [], []
@@ -62,7 +62,7 @@ def delay_grid(bases: list[Basis], y_w):
             lb.append(refine(gain, best, b.log_betas))
         top.append(torch.cat(t))
         log_beta.append(torch.cat(lb))
-    return torch.stack(top, dim=1), torch.stack(log_beta, dim=1)
+    return torch.stack(top, dim=1), torch.stack(log_beta, dim=1), yy
 
 
 def runner_up(top, best, yy, tolerance: float):
@@ -109,11 +109,11 @@ def fit_block(bases, delays_min, model, y_w, lo, hi, steps: int):
     """(K1, k2, k3, Vb, delay) [n, 5] and weighted SSE [n] of weighted curves y_w [n, F]:
     polished from the best grid delay and, where :func:`runner_up` finds a second start
     nearly as good, from there too; the lower SSE is kept."""
-    top, log_beta = delay_grid(bases, y_w)
+    top, log_beta, yy = delay_grid(bases, y_w)
     best = top.argmax(1)
     x = delay_start(bases, delays_min, model, y_w, top, log_beta, best)
     sse = polish_delayed(model, y_w, x, lo, hi, steps)
-    second, again = runner_up(top, best, (y_w * y_w).sum(1), SECOND_START_TOLERANCE)
+    second, again = runner_up(top, best, yy, SECOND_START_TOLERANCE)
     idx = torch.nonzero(again)[:, 0]
     if idx.numel():
         y2 = y_w[idx]
